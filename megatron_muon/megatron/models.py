@@ -1,0 +1,81 @@
+"""GPT models built with megatron-core's own GPTModel and local layer spec (no Transformer Engine needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """The architecture knobs the tests and the demo vary; everything else follows the paper's model family."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # GQA: two query heads share one K/V head, as in the paper's models
+    ffn_hidden_size: int = 128
+    gated_linear_unit: bool = True
+    vocab_size: int = 128
+    seq_length: int = 16
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+
+TINY = GPTShape()
+
+
+def transformer_config(shape: GPTShape, dtype: torch.dtype = torch.float32, **overrides):
+    """A TransformerConfig for the current parallel state; CUDA-only fusions are off so CPU and GPU agree."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        gated_linear_unit=shape.gated_linear_unit,
+        activation_func=torch.nn.functional.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=shape.dropout,
+        attention_dropout=shape.dropout,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Build every weight on CPU from the global seed, then shard: TP=1 and TP=2 start from the same model.
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt(shape: GPTShape, dtype: torch.dtype = torch.float32, **config_overrides):
+    """This pipeline stage's GPTModel for `shape` under the current parallel state."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    config = transformer_config(shape, dtype, **config_overrides)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=shape.tie_embeddings,
+        position_embedding_type="rope",
+    )
+    return model.to(dtype)
