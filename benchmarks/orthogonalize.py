@@ -213,7 +213,7 @@ def print_table(title: str, rows: list[dict]) -> None:
         widths = [max(len(row[i]) for row in [header] + cells) for i in range(len(header))]
         print(title)
         for row in [header] + cells:
-            print("  ".join(c.rjust(w) if 4 <= i <= 9 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            print("  ".join(c.rjust(w) if 4 <= i <= 9 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         return
     table = Table(title=title, title_justify="left")
     for i, name in enumerate(header):
