@@ -153,20 +153,16 @@ def _fp8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     qa, sa = _quantize_e4m3(a, dim=1)
     qb, sb = _quantize_e4m3(b, dim=0)
-    # _scaled_mm wants its second operand column-major.
+    # cuBLASLt takes only row-major x column-major (the CPU kernel takes any layout, so only a GPU run
+    # catches a transposed operand here).
+    qa = qa.contiguous()
     qb = qb.t().contiguous().t()
     return torch._scaled_mm(qa, qb, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16).float()
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    """a @ b for [batch, i, k] x [batch, k, j] fp32 stacks in the requested precision; the result is fp32."""
-    if precision == "fp32":
-        return a @ b
-    if precision == "bf16":
-        # bf16 operands, fp32 accumulation inside the GEMM, bf16 output (what cuBLAS and oneDNN do for bf16
-        # inputs); the polynomial's additions then happen in fp32.
-        return (a.bfloat16() @ b.bfloat16()).float()
-    # torch._scaled_mm is 2-D only, and per-tensor scales must be per matrix anyway.
+def _fp8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for [batch, i, k] x [batch, k, j] fp32 stacks through e4m3 GEMMs; the result is fp32."""
+    # torch._scaled_mm is 2-D only, and scales are per matrix anyway.
     return torch.stack([_fp8_matmul(ai, bi) for ai, bi in zip(a, b)])
 
 
@@ -190,7 +186,8 @@ def orthogonalize(
 
     The result has the input's shape and dtype. Every stacked matrix is normalized by its own Frobenius norm,
     so stacking same-shape matrices changes nothing but speed. `precision` chooses the GEMM operands: `fp32`;
-    `bf16` (fp32 accumulation); `fp8` (row-wise scaled e4m3 through torch._scaled_mm, fp32 accumulation).
+    `bf16` (the iterate kept in bf16, fp32 accumulation, as torch.optim.Muon and megatron-core do); `fp8`
+    (row-wise scaled e4m3 through torch._scaled_mm, fp32 accumulation, fp32 between GEMMs).
     """
     if x.ndim < 2:
         raise ValueError(f"orthogonalize needs a matrix or a stack of matrices [..., m, n], got shape {tuple(x.shape)}")
@@ -206,25 +203,28 @@ def orthogonalize(
     if rows == 0 or cols == 0:
         return torch.zeros_like(x)
 
-    # One batched code path: every input becomes a [batch, m, n] stack.
+    # One batched code path: every input becomes a [batch, m, n] stack. fp32 and bf16 iterate in that dtype
+    # with each polynomial fused into GEMM epilogues (fp32 accumulation either way); fp8 keeps fp32 between GEMMs.
     X = x.float().reshape(-1, rows, cols)
     # Iterate on the wide orientation so the Gram matrix X X^T is the small side: min(m, n)^2 instead of max^2.
     transposed = rows > cols
     if transposed:
         X = X.mT
+    # The norm is taken in fp32 in every precision: it sets the scale every later step depends on.
     norm = torch.linalg.matrix_norm(X, ord="fro", keepdim=True)
     X = X / (norm + eps)
     if precision == "fp8":
         X = _pad_to(X, _FP8_ALIGN)
-
-    for a, b, c in schedule:
-        A = _matmul(X, X.mT, precision)
-        if precision == "fp32":
+        for a, b, c in schedule:
+            A = _fp8_bmm(X, X.mT)
+            B = b * A + c * _fp8_bmm(A, A)
+            X = a * X + _fp8_bmm(B, X)
+    else:
+        X = X.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        for a, b, c in schedule:
+            A = X @ X.mT
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
             X = torch.baddbmm(X, B, X, beta=a)
-        else:
-            B = b * A + c * _matmul(A, A, precision)
-            X = a * X + _matmul(B, X, precision)
 
     if precision == "fp8":
         short, long = min(rows, cols), max(rows, cols)
