@@ -1,0 +1,163 @@
+"""Build the distributed Muon as a Megatron optimizer, in megatron-core's own wrappers.
+
+`build_muon_optimizer(config, model_chunks)` returns what `get_megatron_optimizer` returns for Adam: a
+`ChainedOptimizer` around Megatron's `DistributedOptimizer` (with `use_distributed_optimizer`) or
+`Float16OptimizerWithFloat16Params` (without; also for fp32 models). Megatron's wrapper keeps doing its job:
+fp32 main params (a DP shard each with the distributed optimizer, so optimizer memory falls ~1/DP), copying
+grads out of the DDP buffers, clipping and grad-norm reporting, zero counting, writing params back and
+all-gathering them over DP, checkpoints. Inside runs `MuonAndAdam` (runtime/distributed_muon.py).
+
+Non-finite gradients skip the step with no state change: Megatron only checks for them when a grad scaler
+exists, so the wrapper always gets one (a constant scale of 1 unless `loss_scale` says otherwise).
+
+Written against megatron-core 0.19.2: `_get_param_groups`, the wrappers' constructor arguments, and the
+wrappers' main-param bookkeeping (`_get_model_param_range_map`, `float16_groups` / `fp32_from_float16_groups`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_standard_config_overrides
+from megatron.core.optimizer import _get_param_groups
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.utils import get_pg_rank
+
+from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
+from megatron_muon.muon import is_muon_matrix
+from megatron_muon.runtime.distributed_muon import DistributedMuonStep, Holding, LocalWeight, MuonAndAdam, MuonSettings
+
+logger = logging.getLogger(__name__)
+
+
+def muon_settings(config: OptimizerConfig) -> MuonSettings:
+    return MuonSettings(
+        momentum=config.muon_momentum,
+        nesterov=config.muon_nesterov,
+        ns_steps=config.muon_num_ns_steps,
+        coefficients=config.muon_coefficient_type,
+        precision=getattr(config, "muon_ns_precision", "fp32"),
+        scale_mode=config.muon_scale_mode,
+        extra_scale_factor=config.muon_extra_scale_factor,
+    )
+
+
+def layout_options(config: OptimizerConfig) -> LayoutOptions:
+    return LayoutOptions(split_qkv=config.muon_split_qkv, split_glu=getattr(config, "muon_split_glu", True))
+
+
+def build_muon_optimizer(
+    config: OptimizerConfig,
+    model_chunks: list,
+    config_overrides: dict | None = None,
+    use_gloo_process_groups: bool = True,
+    pg_collection: ProcessGroupCollection | None = None,
+) -> ChainedOptimizer:
+    if config.fp16:
+        raise ValueError("--optimizer muon supports bf16 and fp32 training; --fp16 is not supported")
+    settings = muon_settings(config)
+    options = layout_options(config)
+    overrides = get_standard_config_overrides(config) if config_overrides is None else config_overrides
+
+    names = {p: f"{chunk}.{name}" for chunk, m in enumerate(model_chunks) for name, p in m.named_parameters()}
+    groups = []
+    for group in _get_param_groups(model_chunks, config, overrides):
+        if group["is_expert_parallel"] and group["params"]:
+            raise NotImplementedError("--optimizer muon does not handle MoE expert-parallel weights yet")
+        muon = [p for p in group["params"] if is_muon_matrix(names[p], p)]
+        adam = [p for p in group["params"] if not is_muon_matrix(names[p], p)]
+        # Keep empty groups: Megatron's checkpoints need the same param groups on every rank.
+        groups.append({**group, "params": muon, "use_muon": True})
+        groups.append({**group, "params": adam, "use_muon": False})
+    inner = MuonAndAdam(
+        groups, settings, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2), config.adam_eps
+    )
+
+    groups_pg = ProcessGroupCollection.setup_process_groups_for_optimizer(
+        pg_collection, model_chunks, use_gloo_process_groups
+    )
+    scaler = ConstantGradScaler(config.loss_scale or 1.0)
+    init_state_fn = lambda opt, config=None: opt.init_state()  # noqa: E731  (Megatron's callback signature)
+    if config.use_distributed_optimizer:
+        buffers = {i: chunk.buffers for i, chunk in enumerate(model_chunks) if hasattr(chunk, "buffers")}
+        wrapper = DistributedOptimizer(
+            inner, config, scaler, init_state_fn,
+            model_chunks=model_chunks,
+            per_model_buffers=buffers,
+            data_parallel_group=groups_pg["intra_dp_cp_group"],
+            data_parallel_group_gloo=groups_pg["intra_dp_cp_group_gloo"],
+            data_parallel_group_idx=get_pg_rank(groups_pg["mp_group"]),
+            distributed_optimizer_instance_id=0,
+        )
+        wrapper.grad_stats_parallel_group = groups_pg["intra_dist_opt_group"]
+    else:
+        wrapper = Float16OptimizerWithFloat16Params(inner, config, scaler, init_state_fn)
+        wrapper.grad_stats_parallel_group = groups_pg["mp_group"]
+    wrapper.tp_group = parallel_state.get_tensor_model_parallel_group()
+    wrapper.expert_tp_group = wrapper.tp_group
+
+    _bind(inner, wrapper, model_chunks, names, settings, options, config.use_distributed_optimizer)
+    return ChainedOptimizer([wrapper])
+
+
+def _main_param_ranges(wrapper, distributed: bool) -> dict[torch.nn.Parameter, tuple[torch.Tensor, int, int]]:
+    """model param -> (the inner optimizer's main param for it, first and last+1 local element it covers)."""
+    out = {}
+    if distributed:
+        for model_groups, main_groups in (
+            (wrapper.model_float16_groups, wrapper.shard_fp32_from_float16_groups),
+            (wrapper.model_fp32_groups, wrapper.shard_fp32_groups),
+        ):
+            for model_group, main_group in zip(model_groups, main_groups):
+                for model_param, main_param in zip(model_group, main_group):
+                    r = wrapper._get_model_param_range_map(model_param)["param"]
+                    out[model_param] = (main_param, r.start, r.end)
+    else:
+        for model_group, main_group in zip(wrapper.float16_groups, wrapper.fp32_from_float16_groups):
+            for model_param, main_param in zip(model_group, main_group):
+                out[model_param] = (main_param, 0, model_param.numel())
+        for group in wrapper.fp32_from_fp32_groups:
+            for model_param in group:
+                out[model_param] = (model_param, 0, model_param.numel())
+    return out
+
+
+def _bind(inner, wrapper, model_chunks, names, settings, options, distributed: bool) -> None:
+    """Tell the inner optimizer where every Muon main param sits, and plan the step with every rank's holdings."""
+    config = model_chunks[0].config
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+    muon_params = [p for g in inner.param_groups if g["use_muon"] for p in g["params"]]
+    main_ranges = _main_param_ranges(wrapper, distributed)
+    model_of_main = {id(main): model for model, (main, _, _) in main_ranges.items()}
+    # The weights every rank knows about: all Muon matrices of the model, whether or not this rank holds a shard.
+    muon_models = [p for p in names if is_muon_matrix(names[p], p) and p.requires_grad]
+    weights, shapes = {}, {}
+    for p in muon_models:
+        name = names[p]
+        blocks = tuple(tuple(matrix_blocks(name, p, config, t, tp_size, options)) for t in range(tp_size))
+        weights[name] = LocalWeight(p.shape[0], p.shape[1], blocks)
+        shapes.update(logical_shapes(name, p, config, tp_size, options))
+
+    mine, where = [], {}
+    for main in muon_params:
+        model = model_of_main[id(main)]
+        _, start, end = main_ranges[model]
+        numel = model.numel()
+        # Replicated state: every DP replica updates the whole weight but sends only its 1/DP slice.
+        gather = (start, end) if distributed else (dp_rank * numel // dp_size, (dp_rank + 1) * numel // dp_size)
+        mine.append(Holding(names[model], tp_rank, gather, (start, end)))
+        where[main] = (names[model], start, model.shape[1])
+    holdings = [None] * dist.get_world_size(group)
+    dist.all_gather_object(holdings, mine, group=group)
+    inner.bind(DistributedMuonStep(weights, shapes, holdings, group, settings), where)

@@ -1,0 +1,224 @@
+"""The distributed Muon step: every logical matrix orthogonalized exactly once across a TP x DP group.
+
+Ranks hold pieces of logical matrices: a tensor-parallel shard of a (possibly fused) weight, and of that only
+an element range when the optimizer state is sharded over data-parallel ranks. One step, on every rank of the
+group at once:
+
+  1. owners advance momentum M <- G + beta M and form the Nesterov direction U = G + beta M on what they own;
+  2. one all-to-all sends every piece of U to the home rank of its logical matrix (`plan.py`: exactly one home
+     per matrix, balanced by Newton-Schulz FLOPs), which reassembles the matrices (`pieces.py` geometry);
+  3. homes orthogonalize their matrices in same-shape stacks and multiply by the logical shape's scale;
+  4. a second all-to-all returns each owner its piece of the update: W <- W (1 - lr wd) - lr O.
+
+`MuonAndAdam` is a torch optimizer that runs this step on its Muon groups and AdamW on the others; it is meant
+to sit inside Megatron's optimizer wrappers (see megatron/optimizer.py), but nothing here imports Megatron.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_muon.muon import adamw_update_, apply_muon_update_, muon_direction, update_scale
+from megatron_muon.newton_schulz import check_precision, newton_schulz_flops, orthogonalize
+from megatron_muon.pieces import Block, pieces_of
+from megatron_muon.plan import LogicalMatrix, OrthogonalizationPlan, plan_orthogonalization
+from megatron_muon.runtime.exchange import Flat, Route, RouteTable, run_exchange
+
+
+@dataclass(frozen=True)
+class MuonSettings:
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    coefficients: str = "jordan"
+    precision: str = "fp32"
+    scale_mode: str = "essential"
+    extra_scale_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class LocalWeight:
+    """A weight as each TP rank holds it: its local [rows, cols] shape and, per TP rank, its blocks."""
+
+    rows: int
+    cols: int
+    blocks: tuple[tuple[Block, ...], ...]
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Which elements of a local weight a rank sends to homes (`gather`) and receives updates for (`update`).
+
+    With DP-sharded optimizer state both are the rank's shard. With replicated state every replica updates
+    the whole weight, but each sends only its 1/DP part, so no piece travels twice.
+    """
+
+    key: str
+    tp_rank: int
+    gather: tuple[int, int]
+    update: tuple[int, int]
+
+
+@dataclass
+class StepStats:
+    """What the last Muon step cost this rank; bytes exclude pieces a rank keeps for itself."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    ns_flops: int = 0
+    orthogonalized: list[str] = field(default_factory=list)
+
+
+class DistributedMuonStep:
+    """The routing of one rank, derived once from every rank's holdings (the same list on every rank)."""
+
+    def __init__(
+        self,
+        weights: dict[str, LocalWeight],
+        shapes: dict[str, tuple[int, int]],
+        holdings: list[list[Holding]],
+        group: dist.ProcessGroup | None,
+        settings: MuonSettings,
+    ):
+        self.settings = settings
+        self.group = group
+        self.me = dist.get_rank(group)
+        world = dist.get_world_size(group)
+        if len(holdings) != world:
+            raise ValueError(f"holdings list {len(holdings)} ranks, the group has {world}")
+        self.shapes = shapes
+
+        def pieces(h: Holding, which: tuple[int, int]):
+            w = weights[h.key]
+            return pieces_of(list(w.blocks[h.tp_rank]), *which, w.cols)
+
+        elements: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        for rank, held in enumerate(holdings):
+            for h in held:
+                for p in pieces(h, h.gather):
+                    elements[p.matrix][rank] += p.local.numel
+        self.plan: OrthogonalizationPlan = plan_orthogonalization(
+            [LogicalMatrix(name, *shapes[name], dict(per_rank)) for name, per_rank in sorted(elements.items())],
+            world,
+            ns_steps=settings.ns_steps,
+        )
+        home = self.plan.home
+        gather = ([[] for _ in range(world)], [[] for _ in range(world)])
+        scatter = ([[] for _ in range(world)], [[] for _ in range(world)])
+        # Every rank walks all holdings in the same order, so both ends of each exchange list the same pieces
+        # in the same order.
+        for rank, held in enumerate(holdings):
+            for h in sorted(held, key=lambda h: h.key):
+                for p in pieces(h, h.gather):
+                    route = Route(h.key, p.local, p.matrix, p.logical)
+                    if rank == self.me:
+                        gather[0][home[p.matrix]].append(route)
+                    if home[p.matrix] == self.me:
+                        gather[1][rank].append(route)
+                for p in pieces(h, h.update):
+                    route = Route(p.matrix, p.logical, h.key, p.local)
+                    if home[p.matrix] == self.me:
+                        scatter[0][rank].append(route)
+                    if rank == self.me:
+                        scatter[1][home[p.matrix]].append(route)
+        self.gather = RouteTable(*gather, self.me)
+        self.scatter = RouteTable(*scatter, self.me)
+        self.my_stacks = [s for s in self.plan.stacks if s.home == self.me]
+
+    def __call__(self, directions: dict[str, Flat], updates: dict[str, Flat], device: torch.device) -> StepStats:
+        """Orthogonalize: pieces of U in `directions` -> pieces of scale * O written into `updates`."""
+        s = self.settings
+        homed = {
+            name: torch.zeros(self.shapes[name], dtype=torch.float32, device=device)
+            for stack in self.my_stacks
+            for name in stack.names
+        }
+        run_exchange(self.gather, directions, homed, self.group, torch.float32, device)
+        stats = StepStats()
+        for stack in self.my_stacks:
+            ortho = orthogonalize(torch.stack([homed[n] for n in stack.names]), s.ns_steps, s.coefficients, s.precision)
+            ortho.mul_(update_scale(s.scale_mode, stack.rows, stack.cols, s.extra_scale_factor))
+            for name, o in zip(stack.names, ortho):
+                homed[name] = o
+            stats.ns_flops += stack.flops
+            stats.orthogonalized.extend(stack.names)
+        run_exchange(self.scatter, homed, updates, self.group, torch.float32, device)
+        (g_out, g_in), (s_out, s_in) = self.gather.wire_elements(), self.scatter.wire_elements()
+        stats.bytes_sent, stats.bytes_received = 4 * (g_out + s_out), 4 * (g_in + s_in)
+        return stats
+
+
+class MuonAndAdam(torch.optim.Optimizer):
+    """Muon on param groups with `use_muon`, AdamW (torch.optim.AdamW's formula) on the others.
+
+    Constructed over model parameters; a wrapper that swaps in main params (Megatron's) calls `bind()` with the
+    step routing and, per Muon main param, its key and the first element of the local weight it covers.
+    """
+
+    def __init__(
+        self,
+        param_groups: list[dict],
+        settings: MuonSettings,
+        lr: float,
+        weight_decay: float,
+        adam_betas=(0.95, 0.95),
+        adam_eps: float = 1e-8,
+    ):
+        for group in param_groups:
+            if "use_muon" not in group:
+                raise ValueError("every MuonAndAdam param group needs a `use_muon` flag")
+        # Groups without their own lr / weight_decay use these until a scheduler sets them (as in Megatron).
+        super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay))
+        check_precision(settings.precision)
+        self.settings = settings
+        self.adam_betas = tuple(adam_betas)
+        self.adam_eps = adam_eps
+        self.last_step = StepStats()
+        self._routing: DistributedMuonStep | None = None
+        self._where: dict[torch.Tensor, tuple[str, int, int]] = {}
+
+    def bind(self, routing: DistributedMuonStep, where: dict[torch.Tensor, tuple[str, int, int]]) -> None:
+        """where: Muon main param -> (weight key, first local element it covers, local weight's cols)."""
+        self._routing = routing
+        self._where = where
+
+    def init_state(self) -> None:
+        """Create every state tensor (Megatron calls this before loading a checkpoint into the state)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if group["use_muon"]:
+                    state.setdefault("momentum_buffer", torch.zeros_like(p))
+                else:
+                    state.setdefault("step", 0)
+                    state.setdefault("exp_avg", torch.zeros_like(p))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._routing is None:
+            raise RuntimeError("MuonAndAdam.step() before bind(): build it with build_muon_optimizer()")
+        self.init_state()
+        directions, updates, owner_group = {}, {}, {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                state = self.state[p]
+                if not group["use_muon"]:
+                    state["step"] += 1
+                    adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                                  self.adam_betas, self.adam_eps, group["weight_decay"])
+                    continue
+                key, start, cols = self._where[p]
+                u = muon_direction(grad, state["momentum_buffer"], self.settings.momentum, self.settings.nesterov)
+                directions[key] = Flat(u.reshape(-1), start, cols)
+                updates[key] = Flat(torch.empty(p.numel(), dtype=torch.float32, device=p.device), start, cols)
+                owner_group[key] = (p, group)
+        device = next((p.device for p, _ in owner_group.values()), torch.device("cpu"))
+        self.last_step = self._routing(directions, updates, device)
+        for key, (p, group) in owner_group.items():
+            apply_muon_update_(p, updates[key].tensor.view_as(p), group["lr"], group["weight_decay"], 1.0)
