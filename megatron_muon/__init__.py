@@ -7,4 +7,13 @@ integration (megatron/) -> tools (examples/, benchmarks/). Importing this packag
 from megatron_muon.muon import Muon, MuonWithAdamW, split_params
 from megatron_muon.newton_schulz import orthogonalize, polar_error
 
-__all__ = ["Muon", "MuonWithAdamW", "orthogonalize", "polar_error", "split_params"]
+
+def install() -> None:
+    """Make megatron-core's get_megatron_optimizer build this plugin's Muon for optimizer="muon" (see
+    megatron_muon/megatron/install.py). Imports megatron, so it is a function, not an import side effect."""
+    from megatron_muon.megatron.install import install as _install
+
+    _install()
+
+
+__all__ = ["Muon", "MuonWithAdamW", "install", "orthogonalize", "polar_error", "split_params"]

@@ -100,10 +100,10 @@ def _batches(dp_rank: int, step: int):
 
 
 def _optimizer_config(dtype, distributed: bool):
-    from megatron.core.optimizer import OptimizerConfig
+    from megatron_muon.megatron.config import MuonOptimizerConfig
 
-    return OptimizerConfig(
-        optimizer="adam", lr=LR, weight_decay=WD, bf16=dtype == torch.bfloat16, use_distributed_optimizer=distributed,
+    return MuonOptimizerConfig(
+        optimizer="muon", muon_ns_precision="fp32", lr=LR, weight_decay=WD, bf16=dtype == torch.bfloat16, use_distributed_optimizer=distributed,
         clip_grad=1.0, adam_beta1=0.95, adam_beta2=0.95, adam_eps=1e-8,
         muon_momentum=0.95, muon_nesterov=True, muon_coefficient_type="simple", muon_scale_mode="essential",
     )

@@ -29,6 +29,7 @@ from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_pg_rank
 
+from megatron_muon.megatron.config import MuonOptimizerConfig, validate_muon_config
 from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
 from megatron_muon.muon import is_muon_matrix
 from megatron_muon.runtime.distributed_muon import DistributedMuonStep, Holding, LocalWeight, MuonAndAdam, MuonSettings
@@ -42,14 +43,16 @@ def muon_settings(config: OptimizerConfig) -> MuonSettings:
         nesterov=config.muon_nesterov,
         ns_steps=config.muon_num_ns_steps,
         coefficients=config.muon_coefficient_type,
-        precision=getattr(config, "muon_ns_precision", "fp32"),
+        precision=getattr(config, "muon_ns_precision", MuonOptimizerConfig.muon_ns_precision),
         scale_mode=config.muon_scale_mode,
         extra_scale_factor=config.muon_extra_scale_factor,
     )
 
 
 def layout_options(config: OptimizerConfig) -> LayoutOptions:
-    return LayoutOptions(split_qkv=config.muon_split_qkv, split_glu=getattr(config, "muon_split_glu", True))
+    return LayoutOptions(
+        split_qkv=config.muon_split_qkv, split_glu=getattr(config, "muon_split_glu", MuonOptimizerConfig.muon_split_glu)
+    )
 
 
 def build_muon_optimizer(
@@ -59,8 +62,7 @@ def build_muon_optimizer(
     use_gloo_process_groups: bool = True,
     pg_collection: ProcessGroupCollection | None = None,
 ) -> ChainedOptimizer:
-    if config.fp16:
-        raise ValueError("--optimizer muon supports bf16 and fp32 training; --fp16 is not supported")
+    validate_muon_config(config)
     settings = muon_settings(config)
     options = layout_options(config)
     overrides = get_standard_config_overrides(config) if config_overrides is None else config_overrides
@@ -97,13 +99,27 @@ def build_muon_optimizer(
         )
         wrapper.grad_stats_parallel_group = groups_pg["intra_dist_opt_group"]
     else:
-        wrapper = Float16OptimizerWithFloat16Params(inner, config, scaler, init_state_fn)
+        wrapper = _ReplicatedStateOptimizer(inner, config, scaler, init_state_fn)
         wrapper.grad_stats_parallel_group = groups_pg["mp_group"]
     wrapper.tp_group = parallel_state.get_tensor_model_parallel_group()
     wrapper.expert_tp_group = wrapper.tp_group
 
     _bind(inner, wrapper, model_chunks, names, settings, options, config.use_distributed_optimizer)
     return ChainedOptimizer([wrapper])
+
+
+class _ReplicatedStateOptimizer(Float16OptimizerWithFloat16Params):
+    """Megatron's wrapper for replicated optimizer state, with the skip decision agreed over DP as well.
+
+    Megatron reduces found-inf over TP x PP only, since DP replicas hold all-reduced (equal) gradients. The Muon
+    step is collective over TP x DP, so a replica that alone saw a non-finite value must not skip alone.
+    """
+
+    def _unscale_main_grads_and_check_for_nan(self):
+        super()._unscale_main_grads_and_check_for_nan()
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX, group=dp_group)
+        return self.found_inf.item() > 0
 
 
 def _main_param_ranges(wrapper, distributed: bool) -> dict[torch.nn.Parameter, tuple[torch.Tensor, int, int]]:

@@ -1,0 +1,96 @@
+"""`megatron_muon.install()`: route `--optimizer muon` / `OptimizerConfig(optimizer="muon")` to this plugin.
+
+Hooks (megatron-core 0.19.2; each is a module attribute that Megatron looks up at call time):
+
+- `megatron.core.optimizer.get_megatron_optimizer` (and the copy `megatron.training.training` imported):
+  `optimizer == "muon"` builds `build_muon_optimizer`; `"nvidia_muon"` builds megatron-core's own Muon;
+  everything else is untouched.
+- `megatron.training.training.OptimizerConfig` -> `MuonOptimizerConfig`, so configs built from args carry the
+  plugin's fields.
+- `megatron.training.arguments.add_megatron_arguments`: adds the plugin's flags and the paper's defaults.
+- `validate_args` (in `arguments` and the copy in `initialize`): Megatron rewrites `--use-distributed-optimizer`
+  to its layer-wise optimizer for any optimizer but adam / sgd; the plugin's Muon runs inside Megatron's
+  standard `DistributedOptimizer`, so it is validated as adam would be.
+
+Code that imported `get_megatron_optimizer` by name before `install()` keeps the original: call `install()`
+first (the launcher does), or call it through its module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+
+_installed = False
+
+
+def install() -> None:
+    """Install the hooks (idempotent). megatron.training hooks are skipped if that package is absent."""
+    global _installed
+    if _installed:
+        return
+    import megatron.core.optimizer as mcore_optimizer
+
+    original = mcore_optimizer.get_megatron_optimizer
+
+    @functools.wraps(original)
+    def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
+                               pg_collection=None, **kwargs):
+        if config.optimizer == "muon":
+            from megatron_muon.megatron.optimizer import build_muon_optimizer
+
+            return build_muon_optimizer(config, model_chunks, config_overrides, use_gloo_process_groups, pg_collection)
+        if config.optimizer == "nvidia_muon":
+            config = dataclasses.replace(config, optimizer="muon")
+        return original(config, model_chunks, config_overrides, use_gloo_process_groups, pg_collection, **kwargs)
+
+    mcore_optimizer.get_megatron_optimizer = get_megatron_optimizer
+    _install_training_hooks(get_megatron_optimizer)
+    _installed = True
+
+
+def _install_training_hooks(get_megatron_optimizer) -> None:
+    try:
+        arguments = importlib.import_module("megatron.training.arguments")
+        initialize = importlib.import_module("megatron.training.initialize")
+        training = importlib.import_module("megatron.training.training")
+    except ImportError:
+        return
+    from megatron_muon.megatron.config import MuonOptimizerConfig, add_muon_arguments, resolve_adam_betas
+
+    training.get_megatron_optimizer = get_megatron_optimizer
+    training.OptimizerConfig = MuonOptimizerConfig
+
+    original_add = arguments.add_megatron_arguments
+
+    @functools.wraps(original_add)
+    def add_megatron_arguments(parser):
+        parser = original_add(parser)
+        add_muon_arguments(parser)
+        return parser
+
+    arguments.add_megatron_arguments = add_megatron_arguments
+
+    original_validate = arguments.validate_args
+
+    @functools.wraps(original_validate)
+    def validate_args(args, defaults={}):  # noqa: B006 (Megatron's signature)
+        resolve_adam_betas(args)
+        if args.optimizer == "muon":
+            # Validate as adam: keeps --use-distributed-optimizer meaning Megatron's DistributedOptimizer.
+            args.optimizer = "adam"
+            try:
+                return original_validate(args, defaults)
+            finally:
+                args.optimizer = "muon"
+        if args.optimizer == "nvidia_muon":
+            args.optimizer = "muon"
+            try:
+                return original_validate(args, defaults)
+            finally:
+                args.optimizer = "nvidia_muon"
+        return original_validate(args, defaults)
+
+    arguments.validate_args = validate_args
+    initialize.validate_args = validate_args
