@@ -32,7 +32,14 @@ from megatron.core.utils import get_pg_rank
 from megatron_muon.megatron.config import MuonOptimizerConfig, validate_muon_config
 from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
 from megatron_muon.muon import is_muon_matrix
-from megatron_muon.runtime.distributed_muon import DistributedMuonStep, Holding, LocalWeight, MuonAndAdam, MuonSettings
+from megatron_muon.runtime.distributed_muon import (
+    DistributedMuonStep,
+    Holding,
+    LocalWeight,
+    MuonAndAdam,
+    MuonSettings,
+    StepStats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +113,12 @@ def build_muon_optimizer(
 
     _bind(inner, wrapper, model_chunks, names, settings, options, config.use_distributed_optimizer)
     return ChainedOptimizer([wrapper])
+
+
+def step_stats(optimizer) -> list[StepStats]:
+    """The last Muon step's traffic and Newton-Schulz FLOPs on this rank, per plugin optimizer in a chain."""
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o.optimizer.last_step for o in chain if isinstance(getattr(o, "optimizer", None), MuonAndAdam)]
 
 
 class _ReplicatedStateOptimizer(Float16OptimizerWithFloat16Params):
