@@ -83,6 +83,20 @@ def _semantics(distributed: bool) -> dict:
             torch.equal(before_state[k], after_state[k]) for k in before_state
         )
     with model_parallel(seed=7):
+        # Megatron's scheduler drives every group through the chain, with its lr / wd multipliers.
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        ddp, muon = _build("muon", distributed, muon_ns_precision="fp32", weight_decay=0.1)
+        scheduler = OptimizerParamScheduler(
+            muon, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=4, lr_decay_steps=10,
+            lr_decay_style="cosine", start_wd=0.1, end_wd=0.1, wd_incr_steps=10, wd_incr_style="constant",
+        )
+        scheduler.step(increment=2)
+        inner = muon.chained_optimizers[0].optimizer
+        out["scheduled_groups"] = [
+            (g["use_muon"], g["lr"], g["weight_decay"], [p.ndim for p in g["params"]]) for g in inner.param_groups
+        ]
+    with model_parallel(seed=7):
         # NVIDIA's Muon on its plain (non-layer-wise) path: only the routing is under test here.
         ddp, nvidia = _build("nvidia_muon", False, dtype=torch.bfloat16)
         out["nvidia_inner"] = type(nvidia).__name__ + "/" + "/".join(
@@ -104,6 +118,11 @@ def test_megatron_semantics(distributed):
         assert r["nan_step"] == (False, None, None)
         assert r["params_unchanged"] and r["main_unchanged"] and r["state_unchanged"]
         assert "MuonAndAdam" not in r["nvidia_inner"]
+        for use_muon, lr, wd, ndims in r["scheduled_groups"]:
+            assert lr == pytest.approx(1e-3 * 2 / 4)  # each group's max_lr (= config.lr), warmup step 2 of 4
+            # Megatron's standard overrides: no weight decay on 1-D parameters (norms) and biases.
+            assert wd == (0.0 if ndims and all(n == 1 for n in ndims) else 0.1) or not ndims
+            assert not use_muon or all(n == 2 for n in ndims)
     total = ranks[0]["muon_model_elements"]
     if distributed:
         # Each DP rank keeps momentum for its shard only: the two halves add up to the model.

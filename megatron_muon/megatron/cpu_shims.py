@@ -18,6 +18,7 @@ Never call it on a GPU machine: it hides the GPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -96,3 +97,46 @@ def apply() -> None:
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
 
     _CudaAsCpu().__enter__()  # stays active for the life of the process
+    _shim_megatron_training()
+
+
+def _shim_megatron_training() -> None:
+    """Stand-ins that only `megatron.training` (pretrain / initialize_megatron) needs; skipped without it."""
+    try:
+        import megatron.training.initialize as initialize
+        import megatron.training.training as training
+    except ImportError:
+        return
+    cuda = torch.cuda
+    # initialize_megatron builds the model-parallel groups and seeds the TP RNG tracker only when
+    # device_count() > 0; each process plays one "device", its CPU.
+    cuda.device_count = lambda: 1
+    cuda.set_device = lambda device: None  # called with LOCAL_RANK once device_count() > 0
+    # pretrain() calls initialize_megatron(), which asserts CUDA unless allow_no_cuda=True (its CPU switch).
+    original = initialize.initialize_megatron
+
+    @functools.wraps(original)
+    def initialize_megatron(*args, allow_no_cuda=True, **kwargs):
+        return original(*args, allow_no_cuda=allow_no_cuda, **kwargs)
+
+    initialize.initialize_megatron = initialize_megatron
+    training.initialize_megatron = initialize_megatron
+    _skip_helpers_compile_if_prebuilt()
+
+
+def _skip_helpers_compile_if_prebuilt() -> None:
+    """initialize_megatron runs `make -C megatron/core/datasets` to build the dataset index helpers. The pip
+    wheel ships them prebuilt (helpers_cpp*.so) but without the Makefile, so `make` fails and Megatron exits.
+    Not a CPU matter (a GPU run on the wheel hits it too); when the prebuilt module imports, there is nothing
+    to compile. A Megatron-LM source tree (Makefile present) is left alone."""
+    import os
+
+    import megatron.core.datasets.utils as dataset_utils
+
+    if os.path.exists(os.path.join(os.path.dirname(dataset_utils.__file__), "Makefile")):
+        return
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    dataset_utils.compile_helpers = lambda: None

@@ -191,12 +191,12 @@ class MuonAndAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
+                if state:
+                    continue
                 if group["use_muon"]:
-                    state.setdefault("momentum_buffer", torch.zeros_like(p))
+                    state["momentum_buffer"] = torch.zeros_like(p)
                 else:
-                    state.setdefault("step", 0)
-                    state.setdefault("exp_avg", torch.zeros_like(p))
-                    state.setdefault("exp_avg_sq", torch.zeros_like(p))
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
     @torch.no_grad()
     def step(self, closure=None):
