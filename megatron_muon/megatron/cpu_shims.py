@@ -18,6 +18,7 @@ Never call it on a GPU machine: it hides the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -103,15 +104,23 @@ def apply() -> None:
 def _shim_megatron_training() -> None:
     """Stand-ins that only `megatron.training` (pretrain / initialize_megatron) needs; skipped without it."""
     try:
+        import megatron.training.arguments as arguments
         import megatron.training.initialize as initialize
         import megatron.training.training as training
     except ImportError:
         return
+    # validate_args asks the GPU architecture (torch.cuda.get_device_properties) when TP or CP > 1. Answer
+    # "older than Blackwell" (0): Megatron then treats the CPU as it treats a Hopper, including its demand for
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 with TP (set it as on a GPU; it means nothing on CPU).
+    arguments.get_device_arch_version = lambda: 0
     cuda = torch.cuda
     # initialize_megatron builds the model-parallel groups and seeds the TP RNG tracker only when
     # device_count() > 0; each process plays one "device", its CPU.
     cuda.device_count = lambda: 1
     cuda.set_device = lambda device: None  # called with LOCAL_RANK once device_count() > 0
+    # get_model() builds DDP under `with torch.cuda.stream(torch.cuda.Stream())`; CPU work is in program order.
+    cuda.Stream = _NoOpStream
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
     # pretrain() calls initialize_megatron(), which asserts CUDA unless allow_no_cuda=True (its CPU switch).
     original = initialize.initialize_megatron
 

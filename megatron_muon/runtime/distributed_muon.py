@@ -86,6 +86,9 @@ class DistributedMuonStep:
     ):
         self.settings = settings
         self.group = group
+        # Pieces travel in bf16 unless Newton-Schulz runs in fp32: its first GEMM rounds them to bf16 anyway,
+        # and the returned update is already bf16-accurate, so fp32 would double the traffic for nothing.
+        self.wire_dtype = torch.float32 if settings.precision == "fp32" else torch.bfloat16
         self.me = dist.get_rank(group)
         world = dist.get_world_size(group)
         if len(holdings) != world:
@@ -137,7 +140,7 @@ class DistributedMuonStep:
             for stack in self.my_stacks
             for name in stack.names
         }
-        run_exchange(self.gather, directions, homed, self.group, torch.float32, device)
+        run_exchange(self.gather, directions, homed, self.group, self.wire_dtype, device)
         stats = StepStats()
         for stack in self.my_stacks:
             ortho = orthogonalize(torch.stack([homed[n] for n in stack.names]), s.ns_steps, s.coefficients, s.precision)
@@ -146,9 +149,10 @@ class DistributedMuonStep:
                 homed[name] = o
             stats.ns_flops += stack.flops
             stats.orthogonalized.extend(stack.names)
-        run_exchange(self.scatter, homed, updates, self.group, torch.float32, device)
+        run_exchange(self.scatter, homed, updates, self.group, self.wire_dtype, device)
         (g_out, g_in), (s_out, s_in) = self.gather.wire_elements(), self.scatter.wire_elements()
-        stats.bytes_sent, stats.bytes_received = 4 * (g_out + s_out), 4 * (g_in + s_in)
+        size = self.wire_dtype.itemsize
+        stats.bytes_sent, stats.bytes_received = size * (g_out + s_out), size * (g_in + s_in)
         return stats
 
 

@@ -84,10 +84,14 @@ def run_exchange(
     dtype: torch.dtype,
     device: torch.device,
 ) -> None:
-    """Copy every routed rectangle from `sources` on the senders into `destinations` on the receivers."""
+    """Copy every routed rectangle from `sources` on the senders into `destinations` on the receivers.
+
+    Values travel as `dtype`; rectangles a rank routes to itself are rounded to it too, so the result does not
+    depend on which pieces happened to be local.
+    """
     me = table.my_rank
     for out, into in zip(table.sends[me], table.recvs[me]):
-        rect_view(destinations[into.dst_key], into.dst).copy_(rect_view(sources[out.src_key], out.src))
+        rect_view(destinations[into.dst_key], into.dst).copy_(rect_view(sources[out.src_key], out.src).to(dtype))
 
     if len(table.sends) == 1:
         return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -62,7 +63,9 @@ def _rank_main(fn, args, rank, world_size, port, collective_timeout, env, result
         # Report before tearing the group down: peers then fail with "connection closed", and the root cause
         # must reach the parent first.
         try:
-            results.put((rank, True, fn(*args)))
+            # Pickled here, by value: a queue would hand torch tensors over as shared-memory handles that die
+            # with this process.
+            results.put((rank, True, pickle.dumps(fn(*args))))
         except BaseException:  # including KeyboardInterrupt and SystemExit
             results.put((rank, False, traceback.format_exc()))
         dist.destroy_process_group()
@@ -132,7 +135,7 @@ def run_ranks(
                 continue
             if not ok:
                 raise RankFailed(_failure_report(world_size, {rank: value}, results))
-            done[rank] = value
+            done[rank] = pickle.loads(value)
     finally:
         for p in procs:
             if p.is_alive() and len(done) < world_size:
