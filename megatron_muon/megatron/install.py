@@ -77,20 +77,16 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
     @functools.wraps(original_validate)
     def validate_args(args, defaults={}):  # noqa: B006 (Megatron's signature)
         resolve_adam_betas(args)
-        if args.optimizer == "muon":
-            # Validate as adam: keeps --use-distributed-optimizer meaning Megatron's DistributedOptimizer.
-            args.optimizer = "adam"
-            try:
-                return original_validate(args, defaults)
-            finally:
-                args.optimizer = "muon"
-        if args.optimizer == "nvidia_muon":
-            args.optimizer = "muon"
-            try:
-                return original_validate(args, defaults)
-            finally:
-                args.optimizer = "nvidia_muon"
-        return original_validate(args, defaults)
+        # The plugin's Muon validates as adam: --use-distributed-optimizer keeps meaning Megatron's
+        # DistributedOptimizer. NVIDIA's validates as what megatron-core calls it.
+        validate_as = {"muon": "adam", "nvidia_muon": "muon"}.get(args.optimizer)
+        if validate_as is None:
+            return original_validate(args, defaults)
+        chosen, args.optimizer = args.optimizer, validate_as
+        try:
+            return original_validate(args, defaults)
+        finally:
+            args.optimizer = chosen
 
     arguments.validate_args = validate_args
     initialize.validate_args = validate_args
