@@ -7,6 +7,7 @@ up, ...) and trains them with `megatron_muon.muon.Muon` (AdamW on the rest). The
 the distributed path but the layout table and the Newton-Schulz engine, which have their own tests.
 """
 
+import dataclasses
 import itertools
 import re
 import zlib
@@ -35,7 +36,14 @@ TOLERANCE = {(True, "float32"): 1e-6, (True, "bfloat16"): 1e-4, (False, "float32
 
 
 def _global_name(module, name: str) -> str:
-    """Parameter name in the PP=1 model: global layer index, and the head tied to the input embedding."""
+    """Parameter name in the PP=1, EP=1 model: global layer and expert index, and the head tied to the embedding."""
+    from megatron.core import parallel_state as ps
+
+    expert = re.search(r"local_experts\.(\d+)\.", name)
+    if expert:
+        local_experts = module.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+        index = ps.get_expert_model_parallel_rank() * local_experts + int(expert.group(1))
+        name = name.replace(expert.group(0), f"local_experts.{index}.")
     match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
     if match:
         layer = module.decoder.layers[int(match.group(1))]
@@ -92,11 +100,17 @@ def _write_global(module, tp_rank: int, tp_size: int, seed: int, kind: str) -> N
             target.copy_(full[tp_rank * shard : tp_rank * shard + p.numel()])
 
 
-def _batches(dp_rank: int, step: int):
+def _shape(name: str):
     from megatron_muon.megatron.models import TINY
+
+    # MoE: 4 experts, top-2 routing, in place of the gated MLP.
+    return TINY if name == "tiny" else dataclasses.replace(TINY, num_experts=4)
+
+
+def _batches(shape, dp_rank: int, step: int):
     from megatron_muon.megatron.steps import synthetic_batches
 
-    return synthetic_batches(TINY, micro_batch=2, count=MICRO_BATCHES, seed=100 * step + dp_rank)
+    return synthetic_batches(shape, micro_batch=2, count=MICRO_BATCHES, seed=100 * step + dp_rank)
 
 
 def _optimizer_config(dtype, distributed: bool):
@@ -109,23 +123,24 @@ def _optimizer_config(dtype, distributed: bool):
     )
 
 
-def _distributed_runs(tp: int, pp: int, configs=CONFIGS, steps: int = STEPS) -> list[dict]:
+def _distributed_runs(tp: int, pp: int, configs=CONFIGS, steps: int = STEPS, shape_name="tiny", ep: int = 1) -> list[dict]:
     """Every config of CONFIGS on this layout, in one process group (imports are the expensive part)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_muon.megatron.models import TINY, build_gpt
-    from megatron_muon.megatron.optimizer import build_muon_optimizer
+    from megatron_muon.megatron.models import build_gpt
+    from megatron_muon.megatron.optimizer import build_muon_optimizer, step_stats
     from megatron_muon.megatron.parallel import model_parallel
     from megatron_muon.megatron.steps import forward_backward
 
+    shape = _shape(shape_name)
     results = []
     for synthetic, (dtype_name, distributed, overlap) in itertools.product((True, False), configs):
         dtype = getattr(torch, dtype_name)
-        with model_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=1234):
-            model = build_gpt(TINY, dtype)
+        with model_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=1234, expert_parallel=ep):
+            model = build_gpt(shape, dtype)
             # Megatron draws each pipeline stage's weights from its own RNG stream, so PP=2 would start from a
             # different model than PP=1: start every layout from the same name-seeded weights instead.
             _write_global(model, ps.get_tensor_model_parallel_rank(), tp, -1, "weight")
@@ -137,27 +152,34 @@ def _distributed_runs(tp: int, pp: int, configs=CONFIGS, steps: int = STEPS) -> 
                 module=model,
             )
             optimizer = build_muon_optimizer(_optimizer_config(dtype, distributed), [ddp])
-            inner = optimizer.chained_optimizers[0].optimizer
             dp_rank = ps.get_data_parallel_rank()
             orthogonalized, losses = [], []
             for step in range(steps):
                 ddp.zero_grad_buffer()
                 optimizer.zero_grad()
-                losses.append(forward_backward([ddp], _batches(dp_rank, step), TINY))
+                losses.append(forward_backward([ddp], _batches(shape, dp_rank, step), shape))
                 finalize_model_grads([ddp])
                 if synthetic:
                     _write_global(model, ps.get_tensor_model_parallel_rank(), tp, step, "grad")
                 ok, _, _ = optimizer.step()
                 assert ok
-                orthogonalized.append(list(inner.last_step.orthogonalized))
-            flat = torch.cat([p.detach().float().flatten() for p in ddp.parameters()])
-            replicas = [torch.empty_like(flat) for _ in range(ps.get_data_parallel_world_size())]
-            dist.all_gather(replicas, flat, group=ps.get_data_parallel_group())
+                # Expert matrices are per expert-parallel rank: name them by it.
+                ep_rank = ps.get_expert_model_parallel_rank()
+                orthogonalized.append(
+                    [(ep_rank, n) if "experts" in n else n for stats in step_stats(optimizer) for n in stats.orthogonalized]
+                )
+            dp_identical = True
+            for expert, group in ((False, ps.get_data_parallel_group()), (True, ps.get_expert_data_parallel_group())):
+                flat = torch.cat([p.detach().float().flatten() for p in ddp.parameters()
+                                  if getattr(p, "allreduce", True) != expert] or [torch.zeros(0)])
+                replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(replicas, flat, group=group)
+                dp_identical &= all(torch.equal(r, replicas[0]) for r in replicas)
             results.append(
                 dict(
                     config=(synthetic, dtype_name, distributed, overlap),
                     pieces=_logical_pieces(model, ps.get_tensor_model_parallel_rank(), tp),
-                    dp_identical=all(torch.equal(r, replicas[0]) for r in replicas),
+                    dp_identical=dp_identical,
                     orthogonalized=orthogonalized,
                     stage=ps.get_pipeline_model_parallel_rank(),
                     losses=losses,
@@ -166,22 +188,23 @@ def _distributed_runs(tp: int, pp: int, configs=CONFIGS, steps: int = STEPS) -> 
     return results
 
 
-def _reference_runs(dp_sizes, synthetic: bool, steps: int = STEPS) -> dict:
+def _reference_runs(dp_sizes, synthetic: bool, steps: int = STEPS, shape_name="tiny") -> dict:
     """Single process, TP=PP=DP=1: the logical model trained with the foundation's single-device optimizers."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
-    from megatron_muon.megatron.models import TINY, build_gpt
+    from megatron_muon.megatron.models import build_gpt
     from megatron_muon.megatron.parallel import model_parallel
     from megatron_muon.megatron.steps import forward_backward
     from megatron_muon.muon import Muon, is_muon_matrix
 
+    shape = _shape(shape_name)
     out = {}
     for dp in dp_sizes:
         for dtype_name in ("float32", "bfloat16"):
             dtype = getattr(torch, dtype_name)
             with model_parallel(seed=1234):
-                model = build_gpt(TINY, dtype)
+                model = build_gpt(shape, dtype)
                 _write_global(model, 0, 1, -1, "weight")
                 # Megatron's DDP only as a grad buffer (fp32 grads, like the distributed runs); one rank.
                 ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model)
@@ -189,8 +212,8 @@ def _reference_runs(dp_sizes, synthetic: bool, steps: int = STEPS) -> dict:
                 views, logical, adam_masters = [], {}, {}
                 for name, p in model.named_parameters():
                     if is_muon_matrix(name, p):
-                        for matrix, shape in logical_shapes(name, p, model.config, 1, LayoutOptions()).items():
-                            logical[matrix] = torch.nn.Parameter(torch.zeros(shape))
+                        for matrix, matrix_shape in logical_shapes(name, p, model.config, 1, LayoutOptions()).items():
+                            logical[matrix] = torch.nn.Parameter(torch.zeros(matrix_shape))
                         for b in matrix_blocks(name, p, model.config, 0, 1, LayoutOptions()):
                             views.append((p, b.local, logical[b.matrix], b.to_logical(b.local)))
                     else:
@@ -208,8 +231,8 @@ def _reference_runs(dp_sizes, synthetic: bool, steps: int = STEPS) -> dict:
                 losses = []
                 for step in range(steps):
                     ddp.zero_grad_buffer()
-                    batches = [b for r in range(dp) for b in _batches(r, step)]
-                    losses.append(forward_backward([ddp], batches, TINY))
+                    batches = [b for r in range(dp) for b in _batches(shape, r, step)]
+                    losses.append(forward_backward([ddp], batches, shape))
                     if synthetic:
                         _write_global(model, 0, 1, step, "grad")
                     grads = [p.main_grad for p in model.parameters()]
@@ -282,3 +305,29 @@ def test_equals_single_process_muon_on_the_logical_model(tp, dp, pp, references)
         for step in range(STEPS):
             names = [(r["stage"], n) for r in runs for n in r["orthogonalized"][step]]
             assert len(names) == len(set(names)) == 14, (config, step)  # 2 layers x (q, k, v, proj, gate, up, fc2)
+
+
+def test_moe_experts_over_expert_parallel_ranks():
+    # DP=2 for dense weights; the same two ranks are EP=2 for experts (expert DP=1): two Muon domains at once.
+    configs = [("float32", False, False), ("float32", True, True)]
+    ranks = run_ranks(_distributed_runs, 2, (1, 1, configs, STEPS, "moe", 2))
+    references = {}
+    for synthetic in (True, False):
+        (runs,) = run_ranks(_reference_runs, 1, ((2,), synthetic, STEPS, "moe"))
+        references[synthetic] = runs[2, "float32"]
+    for synthetic, (dtype_name, distributed, overlap) in itertools.product((True, False), configs):
+        config = (synthetic, dtype_name, distributed, overlap)
+        params = _assemble(ranks, config)
+        expected = references[synthetic]
+        assert params.keys() == {k for k in expected if isinstance(k, str)}
+        worst = max(
+            float(np.linalg.norm(params[n].reshape(expected[n].shape) - expected[n]) / np.linalg.norm(expected[n]))
+            for n in params
+        )
+        assert worst <= TOLERANCE[synthetic, dtype_name], (config, worst)
+        runs = [next(r for r in rank if r["config"] == config) for rank in ranks]
+        assert all(r["dp_identical"] for r in runs), config
+        for step in range(STEPS):
+            names = [n for r in runs for n in r["orthogonalized"][step]]
+            # 2 layers x (q, k, v, proj, router) dense, and 2 layers x 4 experts x (gate, up, fc2).
+            assert len(names) == len(set(names)) == 2 * 5 + 2 * 4 * 3, (config, step)

@@ -11,9 +11,12 @@ the same thing on CPU:
    ordered, so a stream whose methods do nothing is exact.
 4. RNG: the tensor-parallel RNG tracker saves and restores the CUDA generator. The CPU default generator takes
    its place, so dropout forks behave as on GPU (different streams per TP rank, same per DP replica).
+5. `megatron.training` (`pretrain`, when installed): its CUDA assertion, device count / set_device, the DDP
+   setup stream, the GPU-architecture query, the fusion warm-up, and (a wheel matter, not a CPU one) the
+   dataset-helper build; each is explained where it is replaced.
 
-Call `apply()` once per process after `torch.distributed.init_process_group("gloo")` and before building models.
-Never call it on a GPU machine: it hides the GPU.
+Call `apply()` once per process before building models (it needs no process group: `megatron_muon.launch`
+applies it before the training script runs). Never call it on a GPU machine: it hides the GPU.
 """
 
 from __future__ import annotations
@@ -130,6 +133,11 @@ def _shim_megatron_training() -> None:
 
     initialize.initialize_megatron = initialize_megatron
     training.initialize_megatron = initialize_megatron
+    # pretrain() warms up the GPU fusion kernels (bias-SwiGLU/GeLU, bias-dropout-add) on random "cuda" inputs.
+    # On CPU that would torch.compile CPU kernels the run may never call (seconds per process, and a C++
+    # compiler), and its torch.rand / dropout would draw from the CPU generator, which on GPU they leave alone:
+    # --use-cpu-initialization weights would then depend on the TP size. Fusions still compile on first use.
+    initialize._warmup_jit_function = lambda tp_size=None: None
     _skip_helpers_compile_if_prebuilt()
 
 

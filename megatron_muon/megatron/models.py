@@ -21,6 +21,7 @@ class GPTShape:
     seq_length: int = 16
     tie_embeddings: bool = True
     dropout: float = 0.0
+    num_experts: int | None = None  # MoE MLP (top-2 routing) instead of a dense one
 
 
 TINY = GPTShape()
@@ -57,6 +58,15 @@ def transformer_config(shape: GPTShape, dtype: torch.dtype = torch.float32, **ov
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
     )
+    if shape.num_experts:
+        kwargs.update(
+            num_moe_experts=shape.num_experts,
+            moe_router_topk=2,
+            expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+            # The all-gather dispatcher is the one that runs without CUDA events.
+            moe_token_dispatcher_type="allgather",
+            moe_grouped_gemm=False,
+        )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -70,7 +80,7 @@ def build_gpt(shape: GPTShape, dtype: torch.dtype = torch.float32, **config_over
     config = transformer_config(shape, dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=shape.num_experts, normalization="RMSNorm"),
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -17,6 +17,7 @@ wrappers' main-param bookkeeping (`_get_model_param_range_map`, `float16_groups`
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,79 @@ def layout_options(config: OptimizerConfig) -> LayoutOptions:
     )
 
 
+@dataclass(frozen=True)
+class _Domain:
+    """The ranks one optimizer instance spans: dense weights over TP x DP (x CP); MoE expert weights over expert
+    TP x expert DP, separately for each expert-parallel rank (each holds different experts)."""
+
+    expert: bool
+    tp_rank: int
+    tp_size: int
+    dp_rank: int
+    dp_size: int
+    group: dist.ProcessGroup  # TP x DP: where the Muon exchange runs
+    dp_group: dist.ProcessGroup
+    dp_group_gloo: dist.ProcessGroup | None
+    dp_group_index: int  # Megatron's data_parallel_group_idx: this rank's place among the DP groups
+    buffers_attr: str
+    stats_group_distributed: dist.ProcessGroup
+    stats_group_replicated: dist.ProcessGroup
+
+    def holds(self, param: torch.nn.Parameter) -> bool:
+        return (not getattr(param, "allreduce", True)) == self.expert
+
+
+def _dense_domain(pgs: dict) -> _Domain:
+    ps = parallel_state
+    return _Domain(
+        expert=False,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        dp_size=ps.get_data_parallel_world_size(with_context_parallel=True),
+        group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        dp_group=pgs["intra_dp_cp_group"],
+        dp_group_gloo=pgs["intra_dp_cp_group_gloo"],
+        dp_group_index=get_pg_rank(pgs["mp_group"]),
+        buffers_attr="buffers",
+        stats_group_distributed=pgs["intra_dist_opt_group"],
+        stats_group_replicated=pgs["mp_group"],
+    )
+
+
+def _expert_domain(pgs: dict) -> _Domain:
+    ps = parallel_state
+    return _Domain(
+        expert=True,
+        tp_rank=ps.get_expert_tensor_parallel_rank(),
+        tp_size=ps.get_expert_tensor_parallel_world_size(),
+        dp_rank=ps.get_expert_data_parallel_rank(),
+        dp_size=ps.get_expert_data_parallel_world_size(),
+        group=_expert_tensor_and_data_parallel_group(),
+        dp_group=pgs["intra_expt_dp_group"],
+        dp_group_gloo=pgs["intra_expt_dp_group_gloo"],
+        dp_group_index=get_pg_rank(pgs["expt_tp_pp_with_egtp_remat_group"]),
+        buffers_attr="expert_parallel_buffers",
+        stats_group_distributed=pgs["intra_dist_opt_group"],
+        stats_group_replicated=pgs["expt_tp_pp_group"],
+    )
+
+
+def _expert_tensor_and_data_parallel_group() -> dist.ProcessGroup:
+    """Ranks with this rank's pipeline stage and expert-parallel rank: they hold the same experts.
+
+    megatron-core has no such group; every rank must create every group, in the same order."""
+    key = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank())
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    mine = None
+    for k in sorted(set(keys)):
+        group = dist.new_group([rank for rank, other in enumerate(keys) if other == k])
+        if k == key:
+            mine = group
+    return mine
+
+
 def build_muon_optimizer(
     config: OptimizerConfig,
     model_chunks: list,
@@ -73,46 +147,58 @@ def build_muon_optimizer(
     settings = muon_settings(config)
     options = layout_options(config)
     overrides = get_standard_config_overrides(config) if config_overrides is None else config_overrides
+    pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(pg_collection, model_chunks, use_gloo_process_groups)
 
     names = {p: f"{chunk}.{name}" for chunk, m in enumerate(model_chunks) for name, p in m.named_parameters()}
-    groups = []
-    for group in _get_param_groups(model_chunks, config, overrides):
-        if group["is_expert_parallel"] and group["params"]:
-            raise NotImplementedError("--optimizer muon does not handle MoE expert-parallel weights yet")
-        muon = [p for p in group["params"] if is_muon_matrix(names[p], p)]
-        adam = [p for p in group["params"] if not is_muon_matrix(names[p], p)]
-        # Keep empty groups: Megatron's checkpoints need the same param groups on every rank.
-        groups.append({**group, "params": muon, "use_muon": True})
-        groups.append({**group, "params": adam, "use_muon": False})
+    # Megatron aligns param groups over all ranks, so every rank agrees whether expert groups exist.
+    all_groups = _get_param_groups(model_chunks, config, overrides)
+    domains = [_dense_domain(pgs)]
+    if any(g["is_expert_parallel"] for g in all_groups):
+        domains.append(_expert_domain(pgs))
+    wrappers = []
+    for domain in domains:
+        groups = []
+        for group in all_groups:
+            if group["is_expert_parallel"] != domain.expert:
+                continue
+            muon = [p for p in group["params"] if is_muon_matrix(names[p], p)]
+            adam = [p for p in group["params"] if not is_muon_matrix(names[p], p)]
+            # Keep empty groups: Megatron's checkpoints need the same param groups on every rank.
+            groups.append({**group, "params": muon, "use_muon": True})
+            groups.append({**group, "params": adam, "use_muon": False})
+        wrappers.append(_wrap(config, domain, groups, model_chunks, names, settings, options))
+    return ChainedOptimizer(wrappers)
+
+
+def _wrap(config, domain: _Domain, groups, model_chunks, names, settings, options):
+    """MuonAndAdam over `groups`, inside the Megatron wrapper Adam would get, bound to its logical matrices."""
     inner = MuonAndAdam(
         groups, settings, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2), config.adam_eps
-    )
-
-    groups_pg = ProcessGroupCollection.setup_process_groups_for_optimizer(
-        pg_collection, model_chunks, use_gloo_process_groups
     )
     scaler = ConstantGradScaler(config.loss_scale or 1.0)
     init_state_fn = lambda opt, config=None: opt.init_state()  # noqa: E731  (Megatron's callback signature)
     if config.use_distributed_optimizer:
-        buffers = {i: chunk.buffers for i, chunk in enumerate(model_chunks) if hasattr(chunk, "buffers")}
+        buffers = {
+            i: getattr(chunk, domain.buffers_attr) for i, chunk in enumerate(model_chunks) if hasattr(chunk, domain.buffers_attr)
+        }
         wrapper = DistributedOptimizer(
             inner, config, scaler, init_state_fn,
             model_chunks=model_chunks,
             per_model_buffers=buffers,
-            data_parallel_group=groups_pg["intra_dp_cp_group"],
-            data_parallel_group_gloo=groups_pg["intra_dp_cp_group_gloo"],
-            data_parallel_group_idx=get_pg_rank(groups_pg["mp_group"]),
+            data_parallel_group=domain.dp_group,
+            data_parallel_group_gloo=domain.dp_group_gloo,
+            data_parallel_group_idx=domain.dp_group_index,
             distributed_optimizer_instance_id=0,
         )
-        wrapper.grad_stats_parallel_group = groups_pg["intra_dist_opt_group"]
+        wrapper.grad_stats_parallel_group = domain.stats_group_distributed
     else:
         wrapper = _ReplicatedStateOptimizer(inner, config, scaler, init_state_fn)
-        wrapper.grad_stats_parallel_group = groups_pg["mp_group"]
+        wrapper.grad_stats_parallel_group = domain.stats_group_replicated
+        wrapper.skip_agreement_group = domain.dp_group
     wrapper.tp_group = parallel_state.get_tensor_model_parallel_group()
-    wrapper.expert_tp_group = wrapper.tp_group
-
-    _bind(inner, wrapper, model_chunks, names, settings, options, config.use_distributed_optimizer)
-    return ChainedOptimizer([wrapper])
+    wrapper.expert_tp_group = parallel_state.get_expert_tensor_parallel_group()
+    _bind(inner, wrapper, model_chunks, names, settings, options, config.use_distributed_optimizer, domain)
+    return wrapper
 
 
 def step_stats(optimizer) -> list[StepStats]:
@@ -128,10 +214,11 @@ class _ReplicatedStateOptimizer(Float16OptimizerWithFloat16Params):
     step is collective over TP x DP, so a replica that alone saw a non-finite value must not skip alone.
     """
 
+    skip_agreement_group: dist.ProcessGroup | None = None
+
     def _unscale_main_grads_and_check_for_nan(self):
         super()._unscale_main_grads_and_check_for_nan()
-        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-        dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX, group=dp_group)
+        dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX, group=self.skip_agreement_group)
         return self.found_inf.item() > 0
 
 
@@ -157,36 +244,32 @@ def _main_param_ranges(wrapper, distributed: bool) -> dict[torch.nn.Parameter, t
     return out
 
 
-def _bind(inner, wrapper, model_chunks, names, settings, options, distributed: bool) -> None:
+def _bind(inner, wrapper, model_chunks, names, settings, options, distributed: bool, domain: _Domain) -> None:
     """Tell the inner optimizer where every Muon main param sits, and plan the step with every rank's holdings."""
     config = model_chunks[0].config
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
-    dp_rank = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-    group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
-
     muon_params = [p for g in inner.param_groups if g["use_muon"] for p in g["params"]]
     main_ranges = _main_param_ranges(wrapper, distributed)
     model_of_main = {id(main): model for model, (main, _, _) in main_ranges.items()}
-    # The weights every rank knows about: all Muon matrices of the model, whether or not this rank holds a shard.
-    muon_models = [p for p in names if is_muon_matrix(names[p], p) and p.requires_grad]
+    # Every Muon matrix of the domain, whether or not this rank holds a shard of it.
+    muon_models = [p for p in names if is_muon_matrix(names[p], p) and p.requires_grad and domain.holds(p)]
     weights, shapes = {}, {}
     for p in muon_models:
         name = names[p]
-        blocks = tuple(tuple(matrix_blocks(name, p, config, t, tp_size, options)) for t in range(tp_size))
+        blocks = tuple(
+            tuple(matrix_blocks(name, p, config, t, domain.tp_size, options)) for t in range(domain.tp_size)
+        )
         weights[name] = LocalWeight(p.shape[0], p.shape[1], blocks)
-        shapes.update(logical_shapes(name, p, config, tp_size, options))
+        shapes.update(logical_shapes(name, p, config, domain.tp_size, options))
 
     mine, where = [], {}
     for main in muon_params:
         model = model_of_main[id(main)]
         _, start, end = main_ranges[model]
-        numel = model.numel()
+        numel, dp, r = model.numel(), domain.dp_size, domain.dp_rank
         # Replicated state: every DP replica updates the whole weight but sends only its 1/DP slice.
-        gather = (start, end) if distributed else (dp_rank * numel // dp_size, (dp_rank + 1) * numel // dp_size)
-        mine.append(Holding(names[model], tp_rank, gather, (start, end)))
+        gather = (start, end) if distributed else (r * numel // dp, (r + 1) * numel // dp)
+        mine.append(Holding(names[model], domain.tp_rank, gather, (start, end)))
         where[main] = (names[model], start, model.shape[1])
-    holdings = [None] * dist.get_world_size(group)
-    dist.all_gather_object(holdings, mine, group=group)
-    inner.bind(DistributedMuonStep(weights, shapes, holdings, group, settings), where)
+    holdings = [None] * dist.get_world_size(domain.group)
+    dist.all_gather_object(holdings, mine, group=domain.group)
+    inner.bind(DistributedMuonStep(weights, shapes, holdings, domain.group, settings), where)

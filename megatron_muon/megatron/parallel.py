@@ -16,7 +16,11 @@ def on_cpu() -> bool:
 
 @contextlib.contextmanager
 def model_parallel(
-    tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234, collective_timeout_s: float = 120.0
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 1234,
+    collective_timeout_s: float = 120.0,
+    expert_parallel: int = 1,
 ) -> Iterator[None]:
     """Initialize Megatron's parallel groups over the current default process group; destroy them on exit.
 
@@ -39,6 +43,7 @@ def model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
         distributed_timeout_minutes=max(1, math.ceil(collective_timeout_s / 60)),
     )
     model_parallel_cuda_manual_seed(seed)
