@@ -5,7 +5,8 @@
 `Float16OptimizerWithFloat16Params` (without; also for fp32 models). Megatron's wrapper keeps doing its job:
 fp32 main params (a DP shard each with the distributed optimizer, so optimizer memory falls ~1/DP), copying
 grads out of the DDP buffers, clipping and grad-norm reporting, zero counting, writing params back and
-all-gathering them over DP, checkpoints. Inside runs `MuonAndAdam` (runtime/distributed_muon.py).
+all-gathering them over DP. Inside runs `MuonAndAdam` (runtime/distributed_muon.py). (Checkpointing the Muon
+momentum through these wrappers is not wired yet.)
 
 Non-finite gradients skip the step with no state change: Megatron only checks for them when a grad scaler
 exists, so the wrapper always gets one (a constant scale of 1 unless `loss_scale` says otherwise).
@@ -16,7 +17,6 @@ wrappers' main-param bookkeeping (`_get_model_param_range_map`, `float16_groups`
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +41,6 @@ from megatron_muon.runtime.distributed_muon import (
     MuonSettings,
     StepStats,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def muon_settings(config: OptimizerConfig) -> MuonSettings:
