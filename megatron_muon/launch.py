@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> None:
         from megatron_muon.megatron import cpu_shims
 
         cpu_shims.apply()
+    if "RANK" not in os.environ:
+        # A plain `python -m megatron_muon.launch ...` is one rank; Megatron's rendezvous still wants an address.
+        from megatron_muon.testing.ranks import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

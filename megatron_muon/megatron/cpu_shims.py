@@ -1,7 +1,7 @@
 """Let megatron-core run on a CPU-only machine with the gloo backend (tests, CI, laptops).
 
-megatron-core (written against 0.19.2) assumes CUDA in four ways; each gets the smallest stand-in that computes
-the same thing on CPU:
+megatron-core (written against 0.19.2) assumes CUDA in four ways, megatron.training in a few more (5); each gets
+the smallest stand-in that computes the same thing on CPU:
 
 1. Devices: ~60 hard-coded `device="cuda"` / `.cuda()` / `torch.cuda.current_device()` uses (optimizer scales,
    grad clipping, buffers). A process-wide TorchFunctionMode rewrites any CUDA device argument to CPU.

@@ -83,10 +83,22 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
         if validate_as is None:
             return original_validate(args, defaults)
         chosen, args.optimizer = args.optimizer, validate_as
+        print_args = arguments._print_args
+
+        def print_chosen(title, printed):
+            # validate_args ends by printing every argument: show the optimizer the user chose.
+            printed.optimizer = chosen
+            try:
+                print_args(title, printed)
+            finally:
+                printed.optimizer = validate_as
+
+        arguments._print_args = print_chosen
         try:
             return original_validate(args, defaults)
         finally:
             args.optimizer = chosen
+            arguments._print_args = print_args
 
     arguments.validate_args = validate_args
     initialize.validate_args = validate_args

@@ -17,6 +17,7 @@ wrappers' main-param bookkeeping (`_get_model_param_range_map`, `float16_groups`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.utils import get_pg_rank
+from megatron.core.utils import get_pg_rank, log_single_rank
 
 from megatron_muon.megatron.config import MuonOptimizerConfig, validate_muon_config
 from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
@@ -41,6 +42,8 @@ from megatron_muon.runtime.distributed_muon import (
     MuonSettings,
     StepStats,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def muon_settings(config: OptimizerConfig) -> MuonSettings:
@@ -270,4 +273,12 @@ def _bind(inner, wrapper, model_chunks, names, settings, options, distributed: b
         where[main] = (names[model], start, model.shape[1])
     holdings = [None] * dist.get_world_size(domain.group)
     dist.all_gather_object(holdings, mine, group=domain.group)
-    inner.bind(DistributedMuonStep(weights, shapes, holdings, domain.group, settings), where)
+    step = DistributedMuonStep(weights, shapes, holdings, domain.group, settings)
+    inner.bind(step, where)
+    plan = step.plan
+    log_single_rank(
+        logger, logging.INFO,
+        f"megatron-muon: {len(plan.home)} {'expert' if domain.expert else 'dense'} logical matrices over "
+        f"{dist.get_world_size(domain.group)} ranks (TP {domain.tp_size} x DP {domain.dp_size}), each orthogonalized "
+        f"once; Newton-Schulz FLOPs max/mean over ranks {plan.imbalance:.3f}; {settings}",
+    )
