@@ -12,8 +12,7 @@ the smallest stand-in that computes the same thing on CPU:
 4. RNG: the tensor-parallel RNG tracker saves and restores the CUDA generator. The CPU default generator takes
    its place, so dropout forks behave as on GPU (different streams per TP rank, same per DP replica).
 5. `megatron.training` (`pretrain`, when installed): its CUDA assertion, device count / set_device, the DDP
-   setup stream, the GPU-architecture query, the fusion warm-up, and (a wheel matter, not a CPU one) the
-   dataset-helper build; each is explained where it is replaced.
+   setup stream, the GPU-architecture query and the fusion warm-up; each is explained where it is replaced.
 
 Call `apply()` once per process before building models (it needs no process group: `megatron_muon.launch`
 applies it before the training script runs). Never call it on a GPU machine: it hides the GPU.
@@ -138,22 +137,4 @@ def _shim_megatron_training() -> None:
     # compiler), and its torch.rand / dropout would draw from the CPU generator, which on GPU they leave alone:
     # --use-cpu-initialization weights would then depend on the TP size. Fusions still compile on first use.
     initialize._warmup_jit_function = lambda tp_size=None: None
-    _skip_helpers_compile_if_prebuilt()
 
-
-def _skip_helpers_compile_if_prebuilt() -> None:
-    """initialize_megatron runs `make -C megatron/core/datasets` to build the dataset index helpers. The pip
-    wheel ships them prebuilt (helpers_cpp*.so) but without the Makefile, so `make` fails and Megatron exits.
-    Not a CPU matter (a GPU run on the wheel hits it too); when the prebuilt module imports, there is nothing
-    to compile. A Megatron-LM source tree (Makefile present) is left alone."""
-    import os
-
-    import megatron.core.datasets.utils as dataset_utils
-
-    if os.path.exists(os.path.join(os.path.dirname(dataset_utils.__file__), "Makefile")):
-        return
-    try:
-        import megatron.core.datasets.helpers_cpp  # noqa: F401
-    except ImportError:
-        return
-    dataset_utils.compile_helpers = lambda: None

@@ -102,3 +102,22 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
 
     arguments.validate_args = validate_args
     initialize.validate_args = validate_args
+    _use_prebuilt_dataset_helpers()
+
+
+def _use_prebuilt_dataset_helpers() -> None:
+    """initialize_megatron runs `make -C megatron/core/datasets` to build the dataset index helpers. The
+    megatron-core wheel ships them prebuilt (helpers_cpp*.so) but without the Makefile, so `make` fails and
+    Megatron exits, on any device. When the prebuilt module imports there is nothing to compile; a Megatron-LM
+    source tree (Makefile present) is left alone."""
+    import os
+
+    import megatron.core.datasets.utils as dataset_utils
+
+    if os.path.exists(os.path.join(os.path.dirname(dataset_utils.__file__), "Makefile")):
+        return
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+    except ImportError:
+        return
+    dataset_utils.compile_helpers = lambda: None
