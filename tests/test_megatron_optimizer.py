@@ -59,6 +59,10 @@ def _semantics(distributed: bool) -> dict:
         out["routed_to_plugin"] = isinstance(inner, MuonAndAdam)
         _grads(ddp)
         out["muon_step"] = muon.step()
+        # Megatron's wrappers read one common `step` from the inner state (checkpoint metadata).
+        state_dict = muon.state_dict()
+        out["inner_steps"] = sorted({float(inner.state[p]["step"]) for p in inner.state})
+        out["state_dict_groups"] = len(state_dict["optimizer"]["param_groups"])
         # Optimizer state of this rank: momentum elements of Muon matrices.
         out["momentum_elements"] = sum(
             inner.state[p]["momentum_buffer"].numel() for g in inner.param_groups if g["use_muon"] for p in g["params"]
@@ -116,6 +120,7 @@ def test_megatron_semantics(distributed):
         assert adam_ok and muon_ok
         # Same model, same data, same grads: Megatron computes the norm and zero count, as for Adam.
         assert muon_norm == pytest.approx(adam_norm, rel=1e-6) and muon_zeros == adam_zeros
+        assert r["inner_steps"] == [1.0] and r["state_dict_groups"] > 0
         assert r["nan_step"] == (False, None, None)
         assert r["params_unchanged"] and r["main_unchanged"] and r["state_unchanged"]
         assert "MuonAndAdam" not in r["nvidia_inner"]

@@ -191,16 +191,23 @@ class MuonAndAdam(torch.optim.Optimizer):
         self._where = where
 
     def init_state(self) -> None:
-        """Create every state tensor (Megatron calls this before loading a checkpoint into the state)."""
+        """Create every state tensor (Megatron calls this before loading a checkpoint into the state).
+
+        Every parameter, Muon's included, carries torch Adam's 0-dim `step` tensor and every group a `step`
+        count: Megatron's checkpointing reads the step from one or the other (which one depends on whether
+        Transformer Engine is installed) and requires it to be the same everywhere.
+        """
         for group in self.param_groups:
+            group.setdefault("step", 0)
             for p in group["params"]:
                 state = self.state[p]
                 if state:
                     continue
+                state["step"] = torch.tensor(float(group["step"]), device=p.device)
                 if group["use_muon"]:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 else:
-                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -209,12 +216,13 @@ class MuonAndAdam(torch.optim.Optimizer):
         self.init_state()
         directions, updates, owner_group = {}, {}, {}
         for group in self.param_groups:
+            group["step"] += 1
             for p in group["params"]:
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 state = self.state[p]
+                state["step"].fill_(group["step"])
                 if not group["use_muon"]:
-                    state["step"] += 1
-                    adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                    adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], group["step"], group["lr"],
                                   self.adam_betas, self.adam_eps, group["weight_decay"])
                     continue
                 key, start, cols = self._where[p]
