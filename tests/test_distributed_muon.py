@@ -286,13 +286,12 @@ def _assemble(rank_results: list[dict], config) -> dict[str, np.ndarray]:
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2)]
 
 
-@pytest.mark.parametrize("tp,dp,pp", LAYOUTS, ids=[f"tp{t}-dp{d}-pp{p}" for t, d, p in LAYOUTS])
-def test_equals_single_process_muon_on_the_logical_model(tp, dp, pp, references):
-    ranks = run_ranks(_distributed_runs, tp * dp * pp, (tp, pp))
-    for synthetic, (dtype_name, distributed, overlap) in itertools.product((True, False), CONFIGS):
+def _check(ranks: list, configs, expected_for, logical_matrices: int) -> None:
+    """Every config: parameters equal the reference, DP replicas agree, each logical matrix runs once per step."""
+    for synthetic, (dtype_name, distributed, overlap) in itertools.product((True, False), configs):
         config = (synthetic, dtype_name, distributed, overlap)
         params = _assemble(ranks, config)
-        expected = references[synthetic, dp, dtype_name]
+        expected = expected_for(synthetic, dtype_name)
         assert params.keys() == {k for k in expected if isinstance(k, str)}
         worst = max(
             float(np.linalg.norm(params[n].reshape(expected[n].shape) - expected[n]) / np.linalg.norm(expected[n]))
@@ -304,7 +303,14 @@ def test_equals_single_process_muon_on_the_logical_model(tp, dp, pp, references)
         # Exactly once: per pipeline stage, every logical matrix is orthogonalized by one rank per step.
         for step in range(STEPS):
             names = [(r["stage"], n) for r in runs for n in r["orthogonalized"][step]]
-            assert len(names) == len(set(names)) == 14, (config, step)  # 2 layers x (q, k, v, proj, gate, up, fc2)
+            assert len(names) == len(set(names)) == logical_matrices, (config, step)
+
+
+@pytest.mark.parametrize("tp,dp,pp", LAYOUTS, ids=[f"tp{t}-dp{d}-pp{p}" for t, d, p in LAYOUTS])
+def test_equals_single_process_muon_on_the_logical_model(tp, dp, pp, references):
+    ranks = run_ranks(_distributed_runs, tp * dp * pp, (tp, pp))
+    # 2 layers x (q, k, v, proj, gate, up, fc2)
+    _check(ranks, CONFIGS, lambda synthetic, dtype_name: references[synthetic, dp, dtype_name], 14)
 
 
 def test_moe_experts_over_expert_parallel_ranks():
@@ -315,19 +321,5 @@ def test_moe_experts_over_expert_parallel_ranks():
     for synthetic in (True, False):
         (runs,) = run_ranks(_reference_runs, 1, ((2,), synthetic, STEPS, "moe"))
         references[synthetic] = runs[2, "float32"]
-    for synthetic, (dtype_name, distributed, overlap) in itertools.product((True, False), configs):
-        config = (synthetic, dtype_name, distributed, overlap)
-        params = _assemble(ranks, config)
-        expected = references[synthetic]
-        assert params.keys() == {k for k in expected if isinstance(k, str)}
-        worst = max(
-            float(np.linalg.norm(params[n].reshape(expected[n].shape) - expected[n]) / np.linalg.norm(expected[n]))
-            for n in params
-        )
-        assert worst <= TOLERANCE[synthetic, dtype_name], (config, worst)
-        runs = [next(r for r in rank if r["config"] == config) for rank in ranks]
-        assert all(r["dp_identical"] for r in runs), config
-        for step in range(STEPS):
-            names = [n for r in runs for n in r["orthogonalized"][step]]
-            # 2 layers x (q, k, v, proj, router) dense, and 2 layers x 4 experts x (gate, up, fc2).
-            assert len(names) == len(set(names)) == 2 * 5 + 2 * 4 * 3, (config, step)
+    # 2 layers x (q, k, v, proj, router) dense, and 2 layers x 4 experts x (gate, up, fc2).
+    _check(ranks, configs, lambda synthetic, dtype_name: references[synthetic], 2 * 5 + 2 * 4 * 3)
