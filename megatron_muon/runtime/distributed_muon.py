@@ -93,7 +93,6 @@ class DistributedMuonStep:
         world = dist.get_world_size(group)
         if len(holdings) != world:
             raise ValueError(f"holdings list {len(holdings)} ranks, the group has {world}")
-        self.shapes = shapes
 
         def pieces(h: Holding, which: tuple[int, int]):
             w = weights[h.key]
@@ -135,18 +134,15 @@ class DistributedMuonStep:
     def __call__(self, directions: dict[str, Flat], updates: dict[str, Flat], device: torch.device) -> StepStats:
         """Orthogonalize: pieces of U in `directions` -> pieces of scale * O written into `updates`."""
         s = self.settings
-        homed = {
-            name: torch.zeros(self.shapes[name], dtype=torch.float32, device=device)
-            for stack in self.my_stacks
-            for name in stack.names
-        }
+        # Each stack's matrices are assembled straight into one [n, rows, cols] tensor: no copy before NS.
+        stacked = [torch.zeros(len(st.names), st.rows, st.cols, dtype=torch.float32, device=device) for st in self.my_stacks]
+        homed = {name: t[i] for st, t in zip(self.my_stacks, stacked) for i, name in enumerate(st.names)}
         run_exchange(self.gather, directions, homed, self.group, self.wire_dtype, device)
         stats = StepStats()
-        for stack in self.my_stacks:
-            ortho = orthogonalize(torch.stack([homed[n] for n in stack.names]), s.ns_steps, s.coefficients, s.precision)
+        for stack, matrices in zip(self.my_stacks, stacked):
+            ortho = orthogonalize(matrices, s.ns_steps, s.coefficients, s.precision)
             ortho.mul_(update_scale(s.scale_mode, stack.rows, stack.cols, s.extra_scale_factor))
-            for name, o in zip(stack.names, ortho):
-                homed[name] = o
+            homed.update(zip(stack.names, ortho))
             stats.ns_flops += stack.flops
             stats.orthogonalized.extend(stack.names)
         run_exchange(self.scatter, homed, updates, self.group, self.wire_dtype, device)
