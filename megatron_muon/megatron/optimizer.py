@@ -5,8 +5,10 @@
 `Float16OptimizerWithFloat16Params` (without; also for fp32 models). Megatron's wrapper keeps doing its job:
 fp32 main params (a DP shard each with the distributed optimizer, so optimizer memory falls ~1/DP), copying
 grads out of the DDP buffers, clipping and grad-norm reporting, zero counting, writing params back and
-all-gathering them over DP. Inside runs `MuonAndAdam` (runtime/distributed_muon.py). (Checkpointing the Muon
-momentum through these wrappers is not wired yet.)
+all-gathering them over DP. Inside runs `MuonAndAdam` (runtime/distributed_muon.py). Checkpoints go through
+Megatron's `dist_checkpointing` (megatron/checkpoint.py): with the distributed optimizer the wrapper is
+`MuonDistributedOptimizer`, a `DistributedOptimizer` whose state hooks present the Muon momentum to Megatron's
+reshardable formats.
 
 Non-finite gradients skip the step with no state change: Megatron only checks for them when a grad scaler
 exists, so the wrapper always gets one (a constant scale of 1 unless `loss_scale` says otherwise).
@@ -25,12 +27,18 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_standard_config_overrides
 from megatron.core.optimizer import _get_param_groups
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_pg_rank, log_single_rank
 
+from megatron_muon.megatron.checkpoint import (
+    ADAM_GROUP,
+    MUON_GROUP,
+    MuonDistributedOptimizer,
+    replicated_load_state_dict,
+    replicated_sharded_state_dict,
+)
 from megatron_muon.megatron.config import MuonOptimizerConfig, validate_muon_config
 from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
 from megatron_muon.muon import is_muon_matrix
@@ -165,14 +173,18 @@ def build_muon_optimizer(
             muon = [p for p in group["params"] if is_muon_matrix(names[p], p)]
             adam = [p for p in group["params"] if not is_muon_matrix(names[p], p)]
             # Keep empty groups: Megatron's checkpoints need the same param groups on every rank.
-            groups.append({**group, "params": muon, "use_muon": True})
-            groups.append({**group, "params": adam, "use_muon": False})
+            # `optimizer` is one of Megatron's group identifier keys: without it a Muon group and its AdamW twin
+            # (same lr / wd multipliers) would be one group to Megatron's checkpoint loader (checkpoint.py).
+            groups.append({**group, "params": muon, "use_muon": True, "optimizer": MUON_GROUP})
+            groups.append({**group, "params": adam, "use_muon": False, "optimizer": ADAM_GROUP})
         wrappers.append(_wrap(config, domain, groups, model_chunks, names, settings, options))
     return ChainedOptimizer(wrappers)
 
 
 def _wrap(config, domain: _Domain, groups, model_chunks, names, settings, options):
     """MuonAndAdam over `groups`, inside the Megatron wrapper Adam would get, bound to its logical matrices."""
+    # Before the wrapper swaps main params into the (shared) group dicts.
+    muon_model_params = {p for g in groups if g["use_muon"] for p in g["params"]}
     inner = MuonAndAdam(
         groups, settings, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2), config.adam_eps
     )
@@ -182,7 +194,7 @@ def _wrap(config, domain: _Domain, groups, model_chunks, names, settings, option
         buffers = {
             i: getattr(chunk, domain.buffers_attr) for i, chunk in enumerate(model_chunks) if hasattr(chunk, domain.buffers_attr)
         }
-        wrapper = DistributedOptimizer(
+        wrapper = MuonDistributedOptimizer(
             inner, config, scaler, init_state_fn,
             model_chunks=model_chunks,
             per_model_buffers=buffers,
@@ -192,6 +204,8 @@ def _wrap(config, domain: _Domain, groups, model_chunks, names, settings, option
             distributed_optimizer_instance_id=0,
         )
         wrapper.grad_stats_parallel_group = domain.stats_group_distributed
+        wrapper.muon_model_params = muon_model_params
+        wrapper.param_names = names
     else:
         wrapper = _ReplicatedStateOptimizer(inner, config, scaler, init_state_fn)
         wrapper.grad_stats_parallel_group = domain.stats_group_replicated
@@ -221,6 +235,13 @@ class _ReplicatedStateOptimizer(Float16OptimizerWithFloat16Params):
         super()._unscale_main_grads_and_check_for_nan()
         dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX, group=self.skip_agreement_group)
         return self.found_inf.item() > 0
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+        # megatron-core's maps only fp16/bf16 params to model tensors; fp32 models failed (checkpoint.py).
+        return replicated_sharded_state_dict(self, model_sharded_state_dict, is_loading)
+
+    def load_state_dict(self, state_dict):
+        replicated_load_state_dict(self, super().load_state_dict, state_dict)
 
 
 def _main_param_ranges(wrapper, distributed: bool) -> dict[torch.nn.Parameter, tuple[torch.Tensor, int, int]]:
