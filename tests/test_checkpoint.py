@@ -9,6 +9,7 @@ name-seeded model (`_write_global`), and every global step trains on the same gl
 """
 
 import multiprocessing
+import re
 
 import numpy as np
 import pytest
@@ -190,3 +191,60 @@ def test_adam_checkpoint_is_refused_by_muon(tmp_path, distributed):
     assert error != "loaded"
     # The refusal names a Muon tensor (its momentum is missing) or the foreign param groups.
     assert "momentum_buffer" in error or "megatron-muon" in error, error
+
+
+def _load_muon_into_adam(ckpt_dir: str, distributed: bool) -> str:
+    """Save the plugin's Muon, then load that checkpoint into Megatron's own Adam: returns the error raised."""
+    import dataclasses
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    from megatron_muon.megatron.models import TINY, build_gpt
+    from megatron_muon.megatron.optimizer import build_muon_optimizer
+    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.megatron.steps import forward_backward
+
+    multiprocessing.current_process()._config["daemon"] = False
+    config = _optimizer_config(torch.float32, distributed)
+    with model_parallel(seed=1234):
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
+
+        def one_step(build):
+            model = build_gpt(TINY, torch.float32)
+            ddp = DistributedDataParallel(model.config, ddp_config, module=model)
+            optimizer = build(ddp)
+            forward_backward([ddp], _global_batch_slice(TINY, 0, 0, 1), TINY)
+            finalize_model_grads([ddp])
+            assert optimizer.step()[0]
+            return model, optimizer
+
+        model, muon = one_step(lambda ddp: build_muon_optimizer(config, [ddp]))
+        model_sd = model.sharded_state_dict()
+        dist_checkpointing.save({"model": model_sd, "optimizer": muon.sharded_state_dict(model_sd, metadata=META)}, ckpt_dir)
+
+        # One real Adam step first: megatron-core's Adam (torch's AdamW without Apex / TE) has no `step` state
+        # before it, and its own state_dict asserts on that (so megatron.training cannot --load Adam on CPU at all).
+        model, adam = one_step(lambda ddp: get_megatron_optimizer(dataclasses.replace(config, optimizer="adam"), [ddp]))
+        try:
+            model_sd = model.sharded_state_dict()
+            loaded = dist_checkpointing.load(
+                {"model": model_sd, "optimizer": adam.sharded_state_dict(model_sd, True, metadata=META)}, ckpt_dir
+            )
+            adam.load_state_dict(loaded["optimizer"])
+        except BaseException as e:  # noqa: BLE001  (torch's CheckpointException is a BaseException)
+            return f"{type(e).__name__}: {e}"
+        return "loaded"
+
+
+@pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "replicated-state"])
+def test_muon_checkpoint_is_refused_by_megatron_adam(tmp_path, distributed):
+    (error,) = run_ranks(_load_muon_into_adam, 1, (str(tmp_path), distributed))
+    print(error[:1500])
+    assert error != "loaded"
+    # megatron-core refuses it itself, before any tensor is read: the first Muon matrix's Adam moment is missing
+    # (the checkpoint holds its momentum_buffer instead), named in the KeyError.
+    missing = r"KeyError: .optimizer\.state\.exp_avg(_sq)?\.decoder\.[\w.]+weight from model not in state dict"
+    assert re.search(missing, error), error

@@ -13,7 +13,7 @@ gate/up split, the orthogonalization homes) is saved: a resumed run replans from
 
 With `use_distributed_optimizer` use Megatron's `fully_reshardable` format (`metadata={"distrib_optim_sharding_type":
 "fully_reshardable"}`): it reshards over TP x DP x PP. `dp_reshardable` (bucket space) also works for the same TP x
-PP. megatron-core 0.19.2's default `fully_sharded_model_space` fails for Adam as well ("ShardedTensor.flattened_range
+PP (any DP). megatron-core 0.19.2's default `fully_sharded_model_space` fails for Adam as well ("ShardedTensor.flattened_range
 is not supported").
 
 How it fits Megatron's machinery (`MuonDistributedOptimizer`): the DP-zero gather behind `fully_reshardable` and
@@ -93,6 +93,7 @@ class MuonDistributedOptimizer(DistributedOptimizer):
             tensors["exp_avg_sq"] = torch.zeros_like(momentum)
         return tensors
 
+    @torch.no_grad()  # fp32 models: the main param is a view of the model param, which requires grad
     def _set_main_param_and_optimizer_states(self, model_param, tensors):
         group_index, group_order = self.model_param_group_index_map[model_param]
         main = self.optimizer.param_groups[group_index]["params"][group_order]
