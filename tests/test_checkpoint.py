@@ -141,6 +141,21 @@ def test_replicated_state_resumes_on_another_layout(tmp_path):
     assert worst <= TOLERANCE, worst
 
 
+def _try_load(model, optimizer, ckpt_dir) -> str:
+    """Load model + optimizer state from `ckpt_dir`: "loaded", or the error it raised."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        model_sd = model.sharded_state_dict()
+        loaded = dist_checkpointing.load(
+            {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, True, metadata=META)}, ckpt_dir
+        )
+        optimizer.load_state_dict(loaded["optimizer"])
+    except BaseException as e:  # noqa: BLE001  (torch's CheckpointException is a BaseException)
+        return f"{type(e).__name__}: {e}"
+    return "loaded"
+
+
 def _load_adam_into_muon(ckpt_dir: str, distributed: bool) -> str:
     """Save Megatron's own Adam, then load that checkpoint into Muon: returns the error raised."""
     import dataclasses
@@ -173,15 +188,7 @@ def _load_adam_into_muon(ckpt_dir: str, distributed: bool) -> str:
         model = build_gpt(TINY, torch.float32)
         ddp = DistributedDataParallel(model.config, ddp_config, module=model)
         muon = build_muon_optimizer(config, [ddp])
-        try:
-            model_sd = model.sharded_state_dict()
-            loaded = dist_checkpointing.load(
-                {"model": model_sd, "optimizer": muon.sharded_state_dict(model_sd, True, metadata=META)}, ckpt_dir
-            )
-            muon.load_state_dict(loaded["optimizer"])
-        except BaseException as e:  # noqa: BLE001  (torch's CheckpointException is a BaseException)
-            return f"{type(e).__name__}: {e}"
-        return "loaded"
+        return _try_load(model, muon, ckpt_dir)
 
 
 @pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "replicated-state"])
@@ -228,15 +235,7 @@ def _load_muon_into_adam(ckpt_dir: str, distributed: bool) -> str:
         # One real Adam step first: megatron-core's Adam (torch's AdamW without Apex / TE) has no `step` state
         # before it, and its own state_dict asserts on that (so megatron.training cannot --load Adam on CPU at all).
         model, adam = one_step(lambda ddp: get_megatron_optimizer(dataclasses.replace(config, optimizer="adam"), [ddp]))
-        try:
-            model_sd = model.sharded_state_dict()
-            loaded = dist_checkpointing.load(
-                {"model": model_sd, "optimizer": adam.sharded_state_dict(model_sd, True, metadata=META)}, ckpt_dir
-            )
-            adam.load_state_dict(loaded["optimizer"])
-        except BaseException as e:  # noqa: BLE001  (torch's CheckpointException is a BaseException)
-            return f"{type(e).__name__}: {e}"
-        return "loaded"
+        return _try_load(model, adam, ckpt_dir)
 
 
 @pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "replicated-state"])
