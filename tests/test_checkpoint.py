@@ -8,6 +8,7 @@ name-seeded model (`_write_global`), and every global step trains on the same gl
 (each DP rank takes its contiguous slice of it), so the layouts differ only in reduction order.
 """
 
+import dataclasses
 import multiprocessing
 import re
 
@@ -26,6 +27,13 @@ META = {"distrib_optim_sharding_type": "fully_reshardable"}
 # fp32, 6 steps on real gradients; layouts differ only in reduction order. Measured worst (2026-11-25, CPU/gloo):
 # 0.0 on the saving layout (bit-exact resume), 4.6e-7 on (1,4,1), (1,1,1), (1,2,2) and replicated (1,2,2).
 TOLERANCE = 1e-6
+
+
+def _model_shape():
+    from megatron_muon.megatron.models import TINY
+
+    # Four K/V groups (8 query heads, still GQA) so the checkpoint can also resume under TP=4.
+    return dataclasses.replace(TINY, num_attention_heads=8, num_query_groups=4)
 
 
 def _global_batch_slice(shape, step: int, dp_rank: int, dp_size: int):
@@ -54,14 +62,15 @@ def _run(tp: int, pp: int, ckpt_dir: str, resume: bool, distributed: bool = True
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_muon.megatron.models import TINY, build_gpt
+    from megatron_muon.megatron.models import build_gpt
     from megatron_muon.megatron.optimizer import build_muon_optimizer
     from megatron_muon.megatron.parallel import model_parallel
     from megatron_muon.megatron.steps import forward_backward
 
     out = {}
+    shape = _model_shape()
     with model_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=1234):
-        model = build_gpt(TINY, torch.float32)
+        model = build_gpt(shape, torch.float32)
         # A resumed run starts from other weights: everything must come from the checkpoint.
         _write_global(model, ps.get_tensor_model_parallel_rank(), tp, -3 if resume else -1, "weight")
         ddp = DistributedDataParallel(
@@ -91,7 +100,7 @@ def _run(tp: int, pp: int, ckpt_dir: str, resume: bool, distributed: bool = True
                 dist_checkpointing.save(sharded(False), ckpt_dir)
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
-            forward_backward([ddp], _global_batch_slice(TINY, step, dp_rank, dp_size), TINY)
+            forward_backward([ddp], _global_batch_slice(shape, step, dp_rank, dp_size), shape)
             finalize_model_grads([ddp])
             ok, _, _ = optimizer.step()
             assert ok
@@ -117,7 +126,7 @@ def saved(tmp_path_factory):
     return ckpt, _params(ranks)
 
 
-LAYOUTS = [(2, 2, 1), (1, 4, 1), (1, 1, 1), (1, 2, 2)]
+LAYOUTS = [(2, 2, 1), (1, 4, 1), (4, 1, 1), (1, 2, 2), (1, 1, 1)]
 
 
 @pytest.mark.parametrize("tp,dp,pp", LAYOUTS, ids=[f"tp{t}-dp{d}-pp{p}" for t, d, p in LAYOUTS])
@@ -164,7 +173,7 @@ def _load_adam_into_muon(ckpt_dir: str, distributed: bool) -> str:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.megatron.models import TINY, build_gpt
+    from megatron_muon.megatron.models import build_gpt
     from megatron_muon.megatron.optimizer import build_muon_optimizer
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -209,7 +218,7 @@ def _load_muon_into_adam(ckpt_dir: str, distributed: bool) -> str:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.megatron.models import TINY, build_gpt
+    from megatron_muon.megatron.models import build_gpt
     from megatron_muon.megatron.optimizer import build_muon_optimizer
     from megatron_muon.megatron.parallel import model_parallel
     from megatron_muon.megatron.steps import forward_backward

@@ -14,10 +14,10 @@ rank builds the same dataset, and megatron.training restores the consumed-sample
 global iteration k trains on the same global batch in every run (the logged "consumed samples" and learning rate
 are checked too).
 
-Before resuming, a newer iteration directory holding a half-written checkpoint is planted next to the complete
-one: megatron.training writes `latest_checkpointed_iteration.txt` only after a save completes, so `--load` must
-ignore it and resume from iteration 3 (an interrupted save cannot poison the previous checkpoint). A third run loads
-the checkpoint into a model of another hidden size and must fail naming the tensor whose shape differs.
+A save killed midway (rank 0 exits hard inside the writer, tests/die_while_saving.py) leaves a newer iteration
+directory without metadata; megatron.training writes `latest_checkpointed_iteration.txt` only after a save
+completes, so the next `--load` resumes from the previous checkpoint and still equals the uninterrupted run. A run
+that loads the checkpoint into a model of another hidden size must fail naming the tensor whose shape differs.
 
 Without --dist-ckpt-optim-fully-reshardable Megatron saves its default `dp_reshardable` format: a DP=2 save resumed
 by one process (DP=1) must also equal the uninterrupted run (fp32 models used to fail there, copying into the main
@@ -32,6 +32,7 @@ step, and `DistributedOptimizer.state_dict` asserts `len(steps) == 1`), even an 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -68,12 +69,13 @@ def _flags() -> list[str]:
     return [*TRAIN_FLAGS, "--global-batch-size", "4", "--dist-ckpt-optim-fully-reshardable"]
 
 
-def _torchrun(*args: str, precision: str = "fp32", flags: list[str] | None = None) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, precision: str = "fp32", flags: list[str] | None = None,
+             entry: tuple[str, ...] = ("-m", "megatron_muon.launch")) -> subprocess.CompletedProcess:
     """6-iteration run on two ranks (DP=2 unless args say otherwise); later flags win in Megatron's argparse."""
     flags = _set(_flags() if flags is None else flags, "--train-iters", str(TOTAL))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "megatron_muon.launch", str(SCRIPT), *flags, *PRECISION_FLAGS[precision], *args]
+           *entry, str(SCRIPT), *flags, *PRECISION_FLAGS[precision], *args]
     return _run(cmd, _env(), timeout=180)
 
 
@@ -136,14 +138,7 @@ def saved(request, tmp_path_factory):
     return precision, ckpt, _iterations(result.stdout)
 
 
-def test_resume_on_another_layout_equals_uninterrupted(saved, uninterrupted):
-    precision, ckpt, before = saved
-    # A save killed midway: the newer directory exists with a truncated shard and no metadata, and the tracker
-    # still names iteration 3 (megatron.training updates it only after every rank finished writing).
-    partial = ckpt / "iter_0000005"
-    partial.mkdir()
-    (partial / "__0_0.distcp").write_bytes(b"\x00" * 100)
-
+def _resume_equals_uninterrupted(ckpt, before: dict, uninterrupted, precision: str) -> None:
     resumed = _torchrun("--load", str(ckpt), precision=precision)  # DP=2: TP=1 on the two ranks
     assert resumed.returncode == 0, resumed.stdout[-6000:]
     assert f"loading distributed checkpoint from {ckpt} at iteration {SAVE_AT}" in resumed.stdout
@@ -156,6 +151,28 @@ def test_resume_on_another_layout_equals_uninterrupted(saved, uninterrupted):
     print(f"{precision}: worst relative lm-loss difference {worst:.1e}")
     assert worst <= TOLERANCE[precision], worst
     assert after[TOTAL][2] < before[1][2] - 1.0  # and it trained
+
+
+def test_resume_on_another_layout_equals_uninterrupted(saved, uninterrupted):
+    precision, ckpt, before = saved
+    _resume_equals_uninterrupted(ckpt, before, uninterrupted, precision)
+
+
+@pytest.mark.parametrize("saved", ["fp32"], indirect=True)
+def test_save_killed_midway_leaves_the_previous_checkpoint_loadable(saved, uninterrupted, tmp_path):
+    _, saved_ckpt, before = saved
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(saved_ckpt, ckpt)
+    killed_at = SAVE_AT + 2
+    # Resume, train iterations 4-5, and die inside the save of iteration 5.
+    killed = _torchrun("--load", str(ckpt), "--save", str(ckpt), "--save-interval", str(killed_at),
+                       entry=["tests/die_while_saving.py"])
+    assert killed.returncode != 0, killed.stdout[-6000:]
+    assert sorted(_iterations(killed.stdout)) == [SAVE_AT + 1, killed_at], killed.stdout[-6000:]
+    partial = ckpt / f"iter_{killed_at:07d}"
+    assert partial.is_dir() and any(partial.glob("*.distcp")) and not (partial / ".metadata").exists()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(SAVE_AT)
+    _resume_equals_uninterrupted(ckpt, before, uninterrupted, "fp32")
 
 
 def test_default_dp_reshardable_format_resumes_on_another_dp_size(tmp_path, uninterrupted):
