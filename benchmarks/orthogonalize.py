@@ -27,8 +27,9 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from megatron_muon.newton_schulz import (  # noqa: E402
     COEFFICIENT_SETS, FP8_UNSTABLE_COEFFICIENTS, NORM_EPS, PRECISIONS,
-    check_precision, composed_polynomial, newton_schulz_flops, orthogonalize,
+    check_precision, composed_polynomial, orthogonalization_flops, orthogonalize, precision_schedule, resolve_method,
 )
+from megatron_muon.gram_newton_schulz import restart_points  # noqa: E402
 
 STEPS = 5  # the step count Muon uses in the paper and in both baselines' defaults
 WARMUP = 2  # the first GPU calls pay for cuBLAS handle creation and heuristics
@@ -45,6 +46,9 @@ PAPER_SHAPES = {
 }
 SMALL_SHAPES = {"256x256": (1, 256, 256), "512x2048": (1, 512, 2048), "1024x4096": (1, 1024, 4096)}
 EMERGING_NAMES = {"jordan": "simple", "quintic": "quintic", "polar_express": "polar_express"}
+# Our precisions plus the measured fp8>bf16 schedule (fp8 for the first iterations, newton_schulz.LOW_PRECISION_STEPS).
+OUR_PRECISIONS = PRECISIONS + ("fp8>bf16",)
+NS_METHODS = ("standard", "gram", "auto")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Config:
     precision: str
     coefficients: str
     fn: Callable[[torch.Tensor], torch.Tensor]
+    ns_method: str = "standard"  # ours: standard / gram / auto; baselines run standard Newton-Schulz
     # Applied around every call so that "fp32" means fp32 even if the caller's process enabled TF32.
     matmul_precision: str = "highest"
     skip: str | None = None
@@ -94,17 +99,19 @@ def emerging_newton_schulz() -> tuple[Callable | None, str | None]:
 def build_configs(args: argparse.Namespace, device: torch.device, notes: list[str]) -> list[Config]:
     configs = []
     precisions = list(args.precisions)
-    if "fp8" in precisions:
+    if any("fp8" in p for p in precisions):
         try:
             check_precision("fp8", device)
         except RuntimeError as e:
             notes.append(f"fp8 skipped: {e}")
-            precisions.remove("fp8")
-    for precision in precisions:
-        for coeffs in args.coefficients:
-            unstable = precision == "fp8" and coeffs in FP8_UNSTABLE_COEFFICIENTS
-            fn = functools.partial(orthogonalize, steps=STEPS, coefficients=coeffs, precision=precision)
-            configs.append(Config("megatron_muon", precision, coeffs, fn, skip="unstable in fp8" if unstable else None))
+            precisions = [p for p in precisions if "fp8" not in p]
+    for ns_method in args.methods:
+        for precision in precisions:
+            for coeffs in args.coefficients:
+                skip = "unstable in fp8" if "fp8" in precision and coeffs in FP8_UNSTABLE_COEFFICIENTS else None
+                fn = functools.partial(orthogonalize, steps=STEPS, coefficients=coeffs, precision=precision,
+                                       method=ns_method)
+                configs.append(Config("megatron_muon", precision, coeffs, fn, ns_method=ns_method, skip=skip))
     muon, why = torch_muon()
     if muon is None:
         notes.append(why)
@@ -118,7 +125,7 @@ def build_configs(args: argparse.Namespace, device: torch.device, notes: list[st
         for coeffs in args.coefficients:
             for precision, setting in (("fp32", "highest"), ("bf16", "medium")):
                 fn = functools.partial(ns, steps=STEPS, coefficient_type=EMERGING_NAMES[coeffs])
-                configs.append(Config("emerging_optimizers", precision, coeffs, fn, setting))
+                configs.append(Config("emerging_optimizers", precision, coeffs, fn, matmul_precision=setting))
     return [c for c in configs if c.precision in args.precisions and c.coefficients in args.coefficients]
 
 
@@ -190,7 +197,8 @@ def print_table(title: str, rows: list[dict]) -> None:
 
     header = ["shape", "method", "precision", "coefficients", "GFLOP", "ms", "TFLOP/s", "polar err", "sigma band",
               "rounding dev", "note"]
-    cells = [[r["shape"], r["method"], r["precision"], r["coefficients"], fmt(r["gflop"], ".1f"), fmt(r["ms"], ".2f"),
+    cells = [[r["shape"], r["method"] + ("" if r["ns_method"] == "standard" else f" {r['ns_method']}"), r["precision"],
+              r["coefficients"], fmt(r["gflop"], ".1f"), fmt(r["ms"], ".2f"),
               fmt(r["tflops"], ".3g"), fmt(r["polar_err"], ".4f"),
               "-" if r["sigma_min"] is None else f"[{r['sigma_min']:.3f}, {r['sigma_max']:.3f}]",
               fmt(r["rounding_dev"], ".1e"), (r["note"] or "")[:60]] for r in rows]  # full note in the JSON
@@ -217,7 +225,9 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", choices=["paper", "small", "all"], help="default: all on cuda, small on cpu")
     p.add_argument("--repeats", type=int, help="timed calls per config after warmup (default: 10 cuda, 3 cpu)")
-    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--precisions", nargs="+", choices=OUR_PRECISIONS, default=list(OUR_PRECISIONS))
+    p.add_argument("--methods", nargs="+", choices=NS_METHODS, default=["standard", "gram"],
+                   help="our Newton-Schulz methods (Gram rows where Gram refuses the precision are skipped)")
     p.add_argument("--coefficients", nargs="+", choices=list(COEFFICIENT_SETS), default=list(COEFFICIENT_SETS))
     p.add_argument("--json", type=pathlib.Path, help="default: results/orthogonalize-<device>.json")
     p.add_argument("--no-error", action="store_true", help="skip the float64 SVDs behind the error columns")
@@ -240,11 +250,22 @@ def main() -> None:
         x = make_input(batch, m, n, seed, device)
         ref = None if args.no_error else Reference(x)
         for cfg in configs:
-            row = dict(shape=label, batch=batch, rows=m, cols=n, method=cfg.method, precision=cfg.precision,
-                       coefficients=cfg.coefficients, gflop=batch * newton_schulz_flops(m, n, STEPS) / 1e9,
+            resolved = resolve_method(cfg.ns_method, m, n, STEPS, cfg.coefficients)
+            skip, precisions = cfg.skip, [cfg.precision] * STEPS
+            if cfg.method == "megatron_muon" and skip is None:
+                precisions = list(precision_schedule(cfg.precision, STEPS, cfg.coefficients, resolved))
+                restarts = restart_points(cfg.coefficients, STEPS)
+                if resolved == "gram" and restarts and "fp8" in precisions[restarts[0]:]:
+                    skip = "Gram refuses fp8 after its restart"
+            # GFLOP are the FLOPs the row's method runs; `std_gflop` standard Newton-Schulz's for the same matrix.
+            row = dict(shape=label, batch=batch, rows=m, cols=n, method=cfg.method, ns_method=cfg.ns_method,
+                       resolved_method=resolved, precision=cfg.precision, precisions=precisions,
+                       coefficients=cfg.coefficients,
+                       gflop=batch * orthogonalization_flops(m, n, STEPS, cfg.coefficients, resolved) / 1e9,
+                       std_gflop=batch * orthogonalization_flops(m, n, STEPS) / 1e9,
                        ms=None, tflops=None, polar_err=None, sigma_min=None, sigma_max=None, rounding_dev=None,
-                       note=cfg.skip)
-            if cfg.skip is None:
+                       note=skip)
+            if skip is None:
                 try:
                     out, ms = time_ms(cfg, x, repeats)
                 except Exception as e:  # one broken baseline must not cost the rest of the run

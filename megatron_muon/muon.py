@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from megatron_muon.newton_schulz import canonical_coefficients, check_precision, orthogonalize
+from megatron_muon.newton_schulz import METHODS, canonical_coefficients, check_precision, orthogonalize
 
 # ---------------------------------------------------------------------------------------------------------------
 # Update scale: one table for every spelling a user may know (megatron-core's names are canonical).
@@ -152,7 +152,7 @@ def split_params(model: nn.Module) -> ParamSplit:
 # ---------------------------------------------------------------------------------------------------------------
 _MUON_DEFAULTS = dict(
     momentum=0.95, nesterov=True, ns_steps=5, coefficients="jordan", precision="fp32", scale_mode="essential",
-    extra_scale_factor=1.0,
+    extra_scale_factor=1.0, ns_method="standard",
 )
 ADAMW_DEFAULTS = dict(betas=(0.95, 0.95), eps=1e-8)
 
@@ -168,6 +168,8 @@ def _validate_muon_group(group: dict) -> None:
         raise ValueError(f"Muon momentum must be in [0, 1), got {group['momentum']}")
     canonical_coefficients(group["coefficients"])
     canonical_scale_mode(group["scale_mode"])
+    if group["ns_method"] not in METHODS:
+        raise ValueError(f"unknown Newton-Schulz method {group['ns_method']!r}; choose one of {list(METHODS)}")
     devices = {p.device for p in group["params"]} or {torch.device("cpu")}
     for device in devices:
         check_precision(group["precision"], device)
@@ -186,7 +188,9 @@ def _muon_step_group(group: dict, state: dict) -> None:
         by_shape[(tuple(p.shape), p.dtype, p.device)].append(p)
     for (shape, _, _), params in by_shape.items():
         stack = torch.stack([directions[p] for p in params])
-        orthogonal = orthogonalize(stack, group["ns_steps"], group["coefficients"], group["precision"])
+        orthogonal = orthogonalize(
+            stack, group["ns_steps"], group["coefficients"], group["precision"], method=group["ns_method"]
+        )
         scale = update_scale(group["scale_mode"], shape[0], shape[1], group["extra_scale_factor"])
         for p, o in zip(params, orthogonal):
             apply_muon_update_(p, o, group["lr"], group["weight_decay"], scale)
@@ -213,7 +217,8 @@ class Muon(torch.optim.Optimizer):
         lr: learning rate (AdamW-like magnitude under the default `essential` scale).
         weight_decay: coupled weight decay: W <- W * (1 - lr * wd) each step.
         momentum, nesterov: beta and the Nesterov look-ahead (paper: 0.95, on).
-        ns_steps, coefficients, precision: passed to `orthogonalize` (`jordan` = megatron-core's `simple`).
+        ns_steps, coefficients, precision, ns_method: passed to `orthogonalize` (`jordan` = megatron-core's
+            `simple`; ns_method `gram` / `auto` for Gram Newton-Schulz on rectangular matrices).
         scale_mode: `essential` 0.2 sqrt(max(m, n)) (default), `spectral` sqrt(max(m, n)),
             `unit_rms_norm` sqrt(fan_out / fan_in), `shape_scaling` (alias `shape`) sqrt(max(1, fan_out / fan_in)).
         extra_scale_factor: multiplies any scale mode.

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Literal
 
-from megatron_muon.newton_schulz import newton_schulz_flops
+from megatron_muon.newton_schulz import orthogonalization_flops
 
 Balance = Literal["flops", "elements"]
 
@@ -130,11 +130,14 @@ def plan_orthogonalization(
     max_stack: int | None = None,
     bytes_per_element: int = 4,
     balance: Balance = "flops",
+    coefficients: str = "jordan",
+    ns_method: str = "standard",
 ) -> OrthogonalizationPlan:
     """Assign every matrix one home rank by LPT on `balance` and group homes into batched stacks.
 
     Ranks are numbered 0..world_size-1 within the group that shares the work (e.g. TP x DP). `max_stack` caps
-    matrices per stack (None: no cap); `bytes_per_element` sizes the traffic estimate.
+    matrices per stack (None: no cap); `bytes_per_element` sizes the traffic estimate. FLOPs are those of the
+    Newton-Schulz variant that `ns_method` resolves to for each shape (Gram is cheaper on rectangular ones).
     """
     matrices = list(matrices)
     if world_size < 1:
@@ -156,7 +159,7 @@ def plan_orthogonalization(
             raise ValueError(f"matrix {m.name!r} has owners {m.owners} outside ranks [0, {world_size})")
 
     def flops(m: LogicalMatrix) -> int:
-        return newton_schulz_flops(m.rows, m.cols, ns_steps)
+        return orthogonalization_flops(m.rows, m.cols, ns_steps, coefficients, ns_method)
 
     def cost(m: LogicalMatrix) -> int:
         return flops(m) if balance == "flops" else m.rows * m.cols
@@ -190,7 +193,7 @@ def plan_orthogonalization(
         step = max_stack or len(group)
         for i in range(0, len(group), step):
             chunk = tuple(group[i : i + step])
-            stacks.append(Stack(h, rows, cols, chunk, len(chunk) * newton_schulz_flops(rows, cols, ns_steps)))
+            stacks.append(Stack(h, rows, cols, chunk, len(chunk) * orthogonalization_flops(rows, cols, ns_steps, coefficients, ns_method)))
 
     return OrthogonalizationPlan(
         world_size=world_size,

@@ -196,7 +196,7 @@ def test_non_matrix_parameter_is_an_error(shape):
     "options,message",
     [
         (dict(coefficients="cubic"), "unknown Newton-Schulz coefficient set"),
-        (dict(precision="fp16"), "unknown Newton-Schulz precision"),
+        (dict(precision="int8"), "unknown Newton-Schulz precision"),
         (dict(scale_mode="rms"), "unknown Muon scale mode"),
         (dict(momentum=1.0), "momentum must be in"),
     ],

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_muon.muon import adamw_update_, apply_muon_update_, muon_direction, update_scale
-from megatron_muon.newton_schulz import check_precision, newton_schulz_flops, orthogonalize
+from megatron_muon.newton_schulz import check_precision, orthogonalize
 from megatron_muon.pieces import Block, pieces_of
 from megatron_muon.plan import LogicalMatrix, OrthogonalizationPlan, plan_orthogonalization
 from megatron_muon.runtime.exchange import Flat, Route, RouteTable, run_exchange
@@ -36,6 +36,7 @@ class MuonSettings:
     ns_steps: int = 5
     coefficients: str = "jordan"
     precision: str = "fp32"
+    ns_method: str = "standard"  # "standard" | "gram" | "auto" (newton_schulz.resolve_method)
     scale_mode: str = "essential"
     extra_scale_factor: float = 1.0
 
@@ -107,6 +108,8 @@ class DistributedMuonStep:
             [LogicalMatrix(name, *shapes[name], dict(per_rank)) for name, per_rank in sorted(elements.items())],
             world,
             ns_steps=settings.ns_steps,
+            coefficients=settings.coefficients,
+            ns_method=settings.ns_method,
         )
         home = self.plan.home
         gather = ([[] for _ in range(world)], [[] for _ in range(world)])
@@ -140,7 +143,7 @@ class DistributedMuonStep:
         run_exchange(self.gather, directions, homed, self.group, self.wire_dtype, device)
         stats = StepStats()
         for stack, matrices in zip(self.my_stacks, stacked):
-            ortho = orthogonalize(matrices, s.ns_steps, s.coefficients, s.precision)
+            ortho = orthogonalize(matrices, s.ns_steps, s.coefficients, s.precision, method=s.ns_method)
             ortho.mul_(update_scale(s.scale_mode, stack.rows, stack.cols, s.extra_scale_factor))
             homed.update(zip(stack.names, ortho))
             stats.ns_flops += stack.flops
@@ -171,7 +174,8 @@ class MuonAndAdam(torch.optim.Optimizer):
         for group in param_groups:
             if "use_muon" not in group:
                 raise ValueError("every MuonAndAdam param group needs a `use_muon` flag")
-        # Groups without their own lr / weight_decay use these until a scheduler sets them (as in Megatron).
+        # Groups without their own lr / weight_decay use these until a scheduler sets them (as in Megatron); a
+        # group's own `eps` (muP's per-parameter override) wins over adam_eps.
         super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay))
         check_precision(settings.precision)
         self.settings = settings
@@ -219,7 +223,7 @@ class MuonAndAdam(torch.optim.Optimizer):
                 state["step"].fill_(group["step"])
                 if not group["use_muon"]:
                     adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], group["step"], group["lr"],
-                                  self.adam_betas, self.adam_eps, group["weight_decay"])
+                                  self.adam_betas, group.get("eps", self.adam_eps), group["weight_decay"])
                     continue
                 key, start, cols = self._where[p]
                 u = muon_direction(grad, state["momentum_buffer"], self.settings.momentum, self.settings.nesterov)
