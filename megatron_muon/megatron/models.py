@@ -22,17 +22,19 @@ class GPTShape:
     tie_embeddings: bool = True
     dropout: float = 0.0
     num_experts: int | None = None  # MoE MLP (top-2 routing) instead of a dense one
+    # Defaults below are megatron-core's own, so shapes that do not set them build the model they always did.
+    qk_layernorm: bool = False  # RMSNorm on each query and key head (Gemma 3's QK-norm)
+    kv_channels: int | None = None  # head dimension; None is hidden_size / num_attention_heads
+    norm_epsilon: float = 1e-5
+    rotary_base: int = 10000
 
 
 TINY = GPTShape()
 
 
-def transformer_config(shape: GPTShape, dtype: torch.dtype = torch.float32, **overrides):
-    """A TransformerConfig for the current parallel state; CUDA-only fusions are off so CPU and GPU agree."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    kwargs = dict(
+def architecture_kwargs(shape: GPTShape) -> dict:
+    """The TransformerConfig fields that `shape` decides (no parallel sizes, dtypes or fusions)."""
+    return dict(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
@@ -41,9 +43,22 @@ def transformer_config(shape: GPTShape, dtype: torch.dtype = torch.float32, **ov
         gated_linear_unit=shape.gated_linear_unit,
         activation_func=torch.nn.functional.silu,
         normalization="RMSNorm",
+        layernorm_epsilon=shape.norm_epsilon,
+        qk_layernorm=shape.qk_layernorm,
+        kv_channels=shape.kv_channels,
         add_bias_linear=False,
         hidden_dropout=shape.dropout,
         attention_dropout=shape.dropout,
+    )
+
+
+def transformer_config(shape: GPTShape, dtype: torch.dtype = torch.float32, **overrides):
+    """A TransformerConfig for the current parallel state; CUDA-only fusions are off so CPU and GPU agree."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        **architecture_kwargs(shape),
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         params_dtype=dtype,
@@ -71,21 +86,36 @@ def transformer_config(shape: GPTShape, dtype: torch.dtype = torch.float32, **ov
     return TransformerConfig(**kwargs)
 
 
-def build_gpt(shape: GPTShape, dtype: torch.dtype = torch.float32, **config_overrides):
-    """This pipeline stage's GPTModel for `shape` under the current parallel state."""
+def layer_spec(shape: GPTShape, spec: str = "local"):
+    """megatron-core's layer spec for `shape`: "local" (pure PyTorch) or "transformer_engine" (TE modules)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if spec == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=shape.num_experts, qk_layernorm=shape.qk_layernorm
+        )
+    if spec != "local":
+        raise ValueError(f"layer spec must be 'local' or 'transformer_engine', got {spec!r}")
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=shape.num_experts, normalization="RMSNorm", qk_layernorm=shape.qk_layernorm
+    )
+
+
+def build_gpt(shape: GPTShape, dtype: torch.dtype = torch.float32, spec: str = "local", **config_overrides):
+    """This pipeline stage's GPTModel for `shape` under the current parallel state (`spec`: see layer_spec)."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     config = transformer_config(shape, dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=shape.num_experts, normalization="RMSNorm"),
+        transformer_layer_spec=layer_spec(shape, spec),
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=shape.tie_embeddings,
         position_embedding_type="rope",
+        rotary_base=shape.rotary_base,
     )
     return model.to(dtype)
