@@ -10,7 +10,10 @@ Hooks (megatron-core 0.19.2; each is a module attribute that Megatron looks up a
 - `megatron.training.arguments.add_megatron_arguments`: adds the plugin's flags and the paper's defaults.
 - `validate_args` (in `arguments` and the copy in `initialize`): Megatron rewrites `--use-distributed-optimizer`
   to its layer-wise optimizer for any optimizer but adam / sgd; the plugin's Muon runs inside Megatron's
-  standard `DistributedOptimizer`, so it is validated as adam would be.
+  standard `DistributedOptimizer`, so it is validated as adam would be. Then the muP flags are resolved.
+- `megatron.training.training.get_model`: with a muP preset, the built model gets the preset's per-matrix init
+  and its parameters their muP tags (`megatron/mup.py`); `get_mup_config_overrides` then yields nothing, since
+  `get_megatron_optimizer` turns the tags into param-group overrides for any optimizer.
 
 Code that imported `get_megatron_optimizer` by name before `install()` keeps the original: call `install()`
 first (the launcher does), or call it through its module.
@@ -43,6 +46,12 @@ def install() -> None:
             return build_muon_optimizer(config, model_chunks, config_overrides, use_gloo_process_groups, pg_collection)
         if config.optimizer == "nvidia_muon":
             config = dataclasses.replace(config, optimizer="muon")
+        from megatron_muon.megatron.mup import mup_config_overrides
+
+        mup_overrides = mup_config_overrides(config, model_chunks)
+        if mup_overrides:  # a muP preset with Megatron's own optimizers (the AdamW baseline)
+            base = mcore_optimizer.get_standard_config_overrides(config) if config_overrides is None else config_overrides
+            config_overrides = {**base, **mup_overrides}
         return original(config, model_chunks, config_overrides, use_gloo_process_groups, pg_collection, **kwargs)
 
     mcore_optimizer.get_megatron_optimizer = get_megatron_optimizer
@@ -57,7 +66,14 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
         training = importlib.import_module("megatron.training.training")
     except ImportError:
         return
-    from megatron_muon.megatron.config import MuonOptimizerConfig, add_muon_arguments, resolve_adam_betas
+    from megatron_muon.megatron.config import (
+        MuonOptimizerConfig,
+        add_muon_arguments,
+        mup_widths_from_args,
+        resolve_adam_betas,
+        resolve_mup_args,
+    )
+    from megatron_muon.megatron.mup import MupSpec, apply_mup
 
     training.get_megatron_optimizer = get_megatron_optimizer
     training.OptimizerConfig = MuonOptimizerConfig
@@ -76,6 +92,11 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
 
     @functools.wraps(original_validate)
     def validate_args(args, defaults={}):  # noqa: B006 (Megatron's signature)
+        validated = validate_as_megatron(args, defaults)
+        resolve_mup_args(args)
+        return validated
+
+    def validate_as_megatron(args, defaults):
         resolve_adam_betas(args)
         # The plugin's Muon validates as adam: --use-distributed-optimizer keeps meaning Megatron's
         # DistributedOptimizer. NVIDIA's validates as what megatron-core calls it.
@@ -102,6 +123,30 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
 
     arguments.validate_args = validate_args
     initialize.validate_args = validate_args
+
+    original_get_model = training.get_model
+
+    @functools.wraps(original_get_model)
+    def get_model(*args, **kwargs):
+        model = original_get_model(*args, **kwargs)
+        run_args = training.get_args()
+        if run_args.use_mup and run_args.mup_preset is not None:
+            base, _ = mup_widths_from_args(run_args)
+            trains_matrices = "muon" if run_args.optimizer in ("muon", "nvidia_muon") else "adam"
+            apply_mup(model, MupSpec(run_args.mup_preset, base, trains_matrices))
+        return model
+
+    training.get_model = get_model
+    original_mup_overrides = training.get_mup_config_overrides
+
+    @functools.wraps(original_mup_overrides)
+    def get_mup_config_overrides(*args, **kwargs):
+        # With a preset, the LR / eps / WD multipliers come from the parameters' muP tags (get_megatron_optimizer).
+        if training.get_args().mup_preset is not None:
+            return {}
+        return original_mup_overrides(*args, **kwargs)
+
+    training.get_mup_config_overrides = get_mup_config_overrides
     _use_prebuilt_dataset_helpers()
 
 

@@ -41,6 +41,7 @@ from megatron_muon.megatron.checkpoint import (
 )
 from megatron_muon.megatron.config import MuonOptimizerConfig, validate_muon_config
 from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
+from megatron_muon.megatron.mup import mup_config_overrides
 from megatron_muon.muon import is_muon_matrix
 from megatron_muon.runtime.distributed_muon import (
     DistributedMuonStep,
@@ -61,6 +62,7 @@ def muon_settings(config: OptimizerConfig) -> MuonSettings:
         ns_steps=config.muon_num_ns_steps,
         coefficients=config.muon_coefficient_type,
         precision=getattr(config, "muon_ns_precision", MuonOptimizerConfig.muon_ns_precision),
+        ns_method=getattr(config, "muon_ns_method", MuonOptimizerConfig.muon_ns_method),
         scale_mode=config.muon_scale_mode,
         extra_scale_factor=config.muon_extra_scale_factor,
     )
@@ -156,6 +158,8 @@ def build_muon_optimizer(
     settings = muon_settings(config)
     options = layout_options(config)
     overrides = get_standard_config_overrides(config) if config_overrides is None else config_overrides
+    # Parameters tagged by megatron_muon.megatron.mup.apply_mup carry their LR / WD / eps multipliers.
+    overrides = {**overrides, **mup_config_overrides(config, model_chunks)}
     pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(pg_collection, model_chunks, use_gloo_process_groups)
 
     names = {p: f"{chunk}.{name}" for chunk, m in enumerate(model_chunks) for name, p in m.named_parameters()}
