@@ -1,0 +1,174 @@
+"""The embedded default trial: one tiny megatron-core GPT trained on CPU in this process, result as JSON.
+
+    python -m megatron_muon.sweep.trial --width 64 --lr 0.02 --wd 0.1 --optimizer muon \\
+        --global-batch 16 --steps 200 --out result.json
+
+The data is a synthetic Markov language of known entropy (every token has `--branching` equally likely
+successors, so the best achievable loss is ln(branching)), drawn fresh for every step: the training loss of a
+step is measured on a batch the model has never seen, the paper's generalisation proxy (arXiv 2505.02222,
+footnote 3). The result holds that per-step curve as (tokens seen before the step, loss) pairs, a final loss on
+a fixed held-out set, the token count and the wall time of the training loop.
+
+Width scales the model the way the paper's family does (Sec. 5.2): hidden = width, fixed head dimension so the
+head count grows with width, GQA with half as many K/V groups, gated MLP of 4 x width; depth, sequence length,
+batch and steps stay fixed. There are no muP multipliers yet: the learning rate is a swept hyperparameter at every
+width, so its optimum drifts with width instead of transferring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HELD_OUT_SEQUENCES = 64
+
+
+def markov_successors(vocab: int, branching: int, seed: int) -> torch.Tensor:
+    """successors[t] = the `branching` tokens that may follow token t, each with probability 1/branching."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(vocab, generator=gen)[:branching] for _ in range(vocab)])
+
+
+def sample_sequences(successors: torch.Tensor, count: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    vocab, branching = successors.shape
+    tokens = torch.empty(count, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (count,), generator=gen)
+    for i in range(1, length):
+        choice = torch.randint(0, branching, (count,), generator=gen)
+        tokens[:, i] = successors[tokens[:, i - 1], choice]
+    return tokens
+
+
+def shape_for_width(width: int, args):
+    from megatron_muon.megatron.models import GPTShape
+
+    if width % (2 * args.head_dim):
+        raise SystemExit(f"--width {width} must be a multiple of 2 x --head-dim = {2 * args.head_dim} (GQA pairs)")
+    heads = width // args.head_dim
+    return GPTShape(
+        num_layers=args.layers, hidden_size=width, num_attention_heads=heads, num_query_groups=heads // 2,
+        ffn_hidden_size=4 * width, vocab_size=args.vocab, seq_length=args.seq_length,
+    )
+
+
+def warmup_cosine(steps: int):
+    """Linear warmup over 10% of the steps, then cosine to 0.1x the peak: the paper's schedule (Sec. 2)."""
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train(args) -> dict:
+    import torch.distributed as dist
+
+    from megatron_muon.megatron.models import build_gpt
+    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.muon import ADAMW_DEFAULTS, MuonWithAdamW
+
+    shape = shape_for_width(args.width, args)
+    successors = markov_successors(args.vocab, args.branching, seed=args.data_seed)
+    held_out = sample_sequences(successors, HELD_OUT_SEQUENCES, args.seq_length + 1,
+                                torch.Generator().manual_seed(args.data_seed + 1))
+    # A file store, not a TCP port: trials started side by side cannot race for the same port.
+    with tempfile.TemporaryDirectory() as rendezvous:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
+        try:
+            with model_parallel(seed=args.seed):
+                model = build_gpt(shape)
+                if args.optimizer == "muon":
+                    optimizer = MuonWithAdamW.for_model(model, lr=args.lr, weight_decay=args.wd)
+                else:
+                    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd,
+                                                  **ADAMW_DEFAULTS)
+                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
+                seq = args.seq_length
+                positions = torch.arange(seq).unsqueeze(0)
+                causal = torch.ones(seq, seq, dtype=torch.bool).triu(1).view(1, 1, seq, seq)
+
+                def loss_on(tokens):
+                    return model(tokens[:, :-1], positions, causal, labels=tokens[:, 1:]).float().mean()
+
+                tokens_per_step = args.global_batch * seq
+                data = torch.Generator().manual_seed(args.data_seed + 2 + args.seed)
+                curve = []
+                start = time.perf_counter()
+                for step in range(args.steps):
+                    optimizer.zero_grad()
+                    loss = loss_on(sample_sequences(successors, args.global_batch, seq + 1, data))
+                    loss.backward()
+                    curve.append((step * tokens_per_step, float(loss)))
+                    if not math.isfinite(curve[-1][1]):
+                        break  # diverged: later steps only repeat NaN
+                    optimizer.step()
+                    schedule.step()
+                    if args.log_every and step % args.log_every == 0:
+                        print(f"step {step:>6} tokens {step * tokens_per_step:>10} loss {curve[-1][1]:.4f}", flush=True)
+                wall_s = time.perf_counter() - start
+                with torch.no_grad():
+                    model.eval()
+                    final_loss = float(loss_on(held_out))
+        finally:
+            dist.destroy_process_group()
+    return dict(
+        final_loss=final_loss,
+        curve=curve,
+        tokens=len(curve) * tokens_per_step,
+        wall_s=wall_s,
+        steps=len(curve),
+        tokens_per_step=tokens_per_step,
+        best_possible_loss=math.log(args.branching),
+        config=vars(args) | {"out": str(args.out)},
+    )
+
+
+def write_atomically(path: Path, payload: dict) -> None:
+    """A reader (the sweep runner, maybe after a crash) sees either no file or the whole file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, required=True, help="hidden size")
+    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--wd", type=float, default=0.1, help="coupled weight decay (W -= lr * wd * W)")
+    parser.add_argument("--optimizer", choices=("muon", "adamw"), default="muon")
+    parser.add_argument("--global-batch", type=int, default=16, help="sequences per step")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seq-length", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--branching", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1234, help="model init and data order")
+    parser.add_argument("--data-seed", type=int, default=0, help="the language itself and the held-out set")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--out", type=Path, required=True, help="result JSON, written atomically at the end")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    write_atomically(args.out, train(args))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""The sweep runner end to end with a fake trial command: stages, resume after SIGKILL, retries, bad input,
+and the SLURM backend against a fake sbatch / squeue / sacct on PATH."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from megatron_muon.sweep.__main__ import main
+from megatron_muon.sweep.store import ResultStore, StoreLocked, StoreMismatch, TrialSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A stand-in for a training run: a loss bowl in (log lr, log wd) whose lr optimum moves as 1/width, a fake
+# curve, and a ledger line when it starts and when it finishes. Stdlib only, so it starts in milliseconds.
+FAKE_TRIAL = textwrap.dedent("""
+    import argparse, json, math, os, sys, time
+    p = argparse.ArgumentParser()
+    p.add_argument("--width", type=int); p.add_argument("--lr", type=float); p.add_argument("--wd", type=float)
+    p.add_argument("--sleep", type=float, default=0.0); p.add_argument("--ledger"); p.add_argument("--out")
+    a = p.parse_args()
+    key = f"{a.width}/{a.lr:.6g}/{a.wd:.6g}"
+    def note(event):
+        with open(a.ledger, "a") as f:
+            f.write(f"{event} {key}\\n")
+    note("start")
+    time.sleep(a.sleep)
+    if os.environ.get("FAKE_FAIL_WIDTH") == str(a.width):
+        sys.exit("failing on purpose")
+    once = os.environ.get("FAKE_FAIL_ONCE_DIR")
+    if once and not os.path.exists(os.path.join(once, key.replace("/", "_"))):
+        open(os.path.join(once, key.replace("/", "_")), "w").close()
+        sys.exit("failing once")
+    best_lr = 0.01 * 32 / a.width
+    loss = 1.0 + 4.0 / a.width ** 0.5 + 0.1 * math.log(a.lr / best_lr) ** 2 + 0.05 * math.log(a.wd / 0.1) ** 2
+    curve = [[100 * i, loss + 2.0 * math.exp(-i / 5)] for i in range(40)]
+    tmp = a.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(final_loss=loss, curve=curve, tokens=4000, wall_s=a.sleep + 0.01), f)
+    os.replace(tmp, a.out)
+    note("finish")
+""")
+
+
+@pytest.fixture
+def sweep_env(tmp_path):
+    trial = tmp_path / "fake_trial.py"
+    trial.write_text(FAKE_TRIAL)
+    ledger = tmp_path / "ledger.txt"
+    ledger.touch()
+    store = tmp_path / "sweep.sqlite"
+
+    def args(*extra, sleep=0.0, backend="local", widths=(8, 32), points=4):
+        return [
+            "telescope", "--store", str(store), "--base-width", str(widths[0]),
+            "--calibration-width", str(widths[1]), "--points", str(points),
+            "--hp", "lr=1e-3:1e-1", "--hp", "wd=1e-2:1",
+            "--template", f"{{python}} {trial} --width {{width}} --lr {{lr}} --wd {{wd}} --sleep {sleep} "
+                          f"--ledger {ledger} --out {{out}}",
+            "--backend", backend, "--poll-s", "0.05", "--quiet", *extra,
+        ]
+
+    return dict(args=args, store=store, ledger=ledger, tmp=tmp_path)
+
+
+def ledger_counts(ledger: Path, event: str) -> Counter:
+    return Counter(line.split()[1] for line in ledger.read_text().splitlines() if line.split()[0] == event)
+
+
+def trial_rows(store: Path) -> list[dict]:
+    with sqlite3.connect(store) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM trials ORDER BY id")]
+
+
+def test_telescope_runs_stages_in_order_centred_on_each_optimum(sweep_env):
+    assert main(sweep_env["args"]("--parallel", "3")) == 0
+    with ResultStore(sweep_env["store"]) as store:
+        stages = [store.trials(kind="telescope", stage=s) for s in range(3)]
+        assert [len(s) for s in stages] == [16, 4, 1]
+        assert all(t.status == "done" and t.attempts == 1 for s in stages for t in s)
+        # Each stage's grid is centred on the previous stage's best point (geometric mean of its points).
+        for prev, cur in zip(stages, stages[1:]):
+            best = min(prev, key=lambda t: t.final_loss)
+            for name in ("lr", "wd"):
+                values = sorted({t.params[name] for t in cur})
+                centre = (values[0] * values[-1]) ** 0.5
+                assert centre == pytest.approx(best.params[name], rel=1e-9)
+        # Later stages started only after every trial of the previous one had finished.
+        finished_order = [t.id for s in stages for t in s]
+        assert finished_order == sorted(finished_order)
+        assert stages[2][0].width == 32 and stages[1][0].width == 16
+        # The bowl's optimum at width 32 is lr = 0.01, wd = 0.1: the final point is within its grid cell.
+        final = stages[2][0]
+        assert abs(final.params["lr"] / 0.01 - 1) < 0.5 and abs(final.params["wd"] / 0.1 - 1) < 0.5
+        assert final.smoothed_loss is not None and final.curve[0] == [0.0, pytest.approx(final.final_loss + 2.0)]
+        assert store.integrity_ok()
+
+
+def test_sigkill_mid_stage_then_restart_loses_and_reruns_nothing(sweep_env):
+    command = [sys.executable, "-m", "megatron_muon.sweep", *sweep_env["args"]("--parallel", "2", sleep=0.3)]
+    runner = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    store_path = sweep_env["store"]
+    deadline = time.monotonic() + 60
+    done_at_kill = []
+    while time.monotonic() < deadline:
+        if store_path.exists():
+            try:
+                rows = trial_rows(store_path)
+            except sqlite3.OperationalError:  # schema not created yet
+                rows = []
+            done = [r for r in rows if r["status"] == "done"]
+            running = [r for r in rows if r["status"] == "running"]
+            if len(done) >= 3 and running:
+                done_at_kill = done
+                os.kill(runner.pid, signal.SIGKILL)
+                break
+        assert runner.poll() is None, runner.stderr.read().decode()
+        time.sleep(0.05)
+    runner.wait()
+    assert done_at_kill, "the runner never got three trials done"
+    rows = trial_rows(store_path)
+    killed_mid_trial = [r for r in rows if r["status"] == "running"]
+    assert killed_mid_trial, "the kill should land while trials run"
+    assert len([r for r in rows if r["status"] == "done"]) < 16, "the kill should land mid-stage"
+
+    restarted = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert restarted.returncode == 0, restarted.stderr
+    after = {r["key"]: r for r in trial_rows(store_path)}
+    assert len(after) == 21 and all(r["status"] == "done" for r in after.values())
+    for before in done_at_kill:
+        again = after[before["key"]]
+        assert (again["attempts"], again["run_dir"], again["final_loss"]) == (
+            before["attempts"], before["run_dir"], before["final_loss"])
+    starts, finishes = ledger_counts(sweep_env["ledger"], "start"), ledger_counts(sweep_env["ledger"], "finish")
+    # No trial finished twice; the ones finished before the kill never even started again.
+    assert max(finishes.values()) == 1 and len(finishes) == 21
+    done_keys = {f"{r['width']}/{json.loads(r['params'])['lr']:.6g}/{json.loads(r['params'])['wd']:.6g}"
+                 for r in done_at_kill}
+    assert all(starts[k] == 1 for k in done_keys)
+    with ResultStore(store_path) as store:
+        assert store.integrity_ok()
+
+
+def test_failed_attempts_are_retried_and_persistent_failures_stop_before_the_next_stage(sweep_env, monkeypatch):
+    once = sweep_env["tmp"] / "once"
+    once.mkdir()
+    monkeypatch.setenv("FAKE_FAIL_ONCE_DIR", str(once))
+    monkeypatch.setenv("FAKE_FAIL_WIDTH", "16")
+    assert main(sweep_env["args"]("--parallel", "4")) == 1
+    with ResultStore(sweep_env["store"]) as store:
+        stage0 = store.trials(stage=0)
+        assert all(t.status == "done" and t.attempts == 2 for t in stage0)  # failed once, retried, succeeded
+        stage1 = store.trials(stage=1)
+        assert all(t.status == "failed" and "failing on purpose" in t.error for t in stage1)
+        assert store.trials(stage=2) == []  # the next stage never started
+    monkeypatch.delenv("FAKE_FAIL_WIDTH")
+    assert main(sweep_env["args"]("--parallel", "4")) == 0
+    with ResultStore(sweep_env["store"]) as store:
+        assert [t.status for t in store.trials(stage=2)] == ["done"]
+        assert all(t.attempts == 4 for t in store.trials(stage=1))  # 2 failed + 1 failing-once + 1 good
+
+
+def test_store_from_a_different_config_is_refused_and_left_untouched(sweep_env, capsys):
+    assert main(sweep_env["args"]()) == 0
+    before = trial_rows(sweep_env["store"])
+    assert main(sweep_env["args"](points=3)) == 2
+    assert "different sweep config" in capsys.readouterr().err
+    assert trial_rows(sweep_env["store"]) == before
+    with pytest.raises(StoreMismatch, match="points"):
+        ResultStore(sweep_env["store"], {"kind": "telescope", "points": 3})
+
+
+def test_bad_command_lines_are_clear_errors(sweep_env, capsys):
+    assert main(sweep_env["args"](widths=(8, 24))) == 2
+    assert "not base width 8 doubled" in capsys.readouterr().err
+    assert not sweep_env["store"].exists()
+    with pytest.raises(SystemExit):
+        main([*sweep_env["args"](), "--hp", "x=2:1"])
+    assert "inverted range" in capsys.readouterr().err
+    not_a_store = sweep_env["tmp"] / "notes.sqlite"
+    not_a_store.write_text("my notes")
+    assert main([*sweep_env["args"](), "--store", str(not_a_store)]) == 2
+    assert not_a_store.read_text() == "my notes"
+
+
+def test_one_runner_per_store(tmp_path):
+    config = {"kind": "test"}
+    with ResultStore(tmp_path / "s.sqlite", config) as first:
+        first.acquire_lock()
+        with ResultStore(tmp_path / "s.sqlite", config) as second:
+            with pytest.raises(StoreLocked, match=f"pid {os.getpid()}"):
+                second.acquire_lock()
+        first.add_trials([TrialSpec("a", "batch", None, None, {"x": 1})])
+        first.add_trials([TrialSpec("a", "batch", None, None, {"x": 2})])  # known key: kept as it was
+        assert [t.params for t in first.trials()] == [{"x": 1}]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLURM, faked: sbatch starts a detached worker that runs the array's tasks one after another (as a cluster would,
+# it outlives the runner); squeue lists tasks not yet ended; sacct reports state and exit code.
+# ---------------------------------------------------------------------------------------------------------------
+
+FAKE_SBATCH = """
+import os, re, subprocess, sys, pathlib
+state = pathlib.Path(os.environ["FAKE_SLURM_DIR"])
+script = sys.argv[-1]
+assert sys.argv[1] == "--parsable", sys.argv
+count = int(re.search(r"#SBATCH --array=0-(\\d+)", open(script).read()).group(1)) + 1
+counter = state / "next_id"
+job = int(counter.read_text()) if counter.exists() else 1000
+counter.write_text(str(job + 1))
+for i in range(count):
+    (state / f"{job}_{i}").write_text("PENDING")
+worker = (
+    "import os, subprocess, sys, pathlib\\n"
+    f"state = pathlib.Path({str(state)!r})\\n"
+    f"for i in range({count}):\\n"
+    f"    (state / f'{job}_{{i}}').write_text('RUNNING')\\n"
+    f"    rc = subprocess.call(['bash', {script!r}], env=dict(os.environ, SLURM_ARRAY_TASK_ID=str(i)))\\n"
+    f"    (state / f'{job}_{{i}}').write_text(('COMPLETED' if rc == 0 else 'FAILED') + f'|{{rc}}:0')\\n"
+)
+subprocess.Popen([sys.executable, "-c", worker], start_new_session=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+with open(state / "submissions", "a") as f:
+    f.write(f"{job} {count}\\n")
+print(job)
+"""
+
+FAKE_SQUEUE = """
+import os, sys, pathlib
+state = pathlib.Path(os.environ["FAKE_SLURM_DIR"])
+jobs = sys.argv[sys.argv.index("-j") + 1].split(",")
+for path in sorted(state.glob("*_*")):
+    if path.name.split("_")[0] in jobs and path.read_text() in ("PENDING", "RUNNING"):
+        print(path.name)
+"""
+
+FAKE_SACCT = """
+import os, sys, pathlib
+state = pathlib.Path(os.environ["FAKE_SLURM_DIR"])
+task = sys.argv[sys.argv.index("-j") + 1]
+print(state.joinpath(task).read_text())
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    bin_dir, state = tmp_path / "bin", tmp_path / "slurm-state"
+    bin_dir.mkdir()
+    state.mkdir()
+    for name, body in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE), ("sacct", FAKE_SACCT)):
+        path = bin_dir / name
+        path.write_text(f"#!{sys.executable}\n{body}")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(state))
+    return state
+
+
+def submissions(state: Path) -> list[tuple[int, int]]:
+    path = state / "submissions"
+    return [tuple(map(int, line.split())) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_slurm_arrays_resubmit_failures_and_carry_sbatch_args(sweep_env, fake_slurm, monkeypatch):
+    once = sweep_env["tmp"] / "once"
+    once.mkdir()
+    monkeypatch.setenv("FAKE_FAIL_ONCE_DIR", str(once))
+    args = sweep_env["args"]("--sbatch-arg=--partition=tiny", "--slurm-setup", "export SETUP_RAN=1",
+                             backend="slurm", widths=(16, 32), points=2)
+    assert main(args) == 0
+    # Stage 0 is one array of 4 tasks; every trial fails once and is resubmitted (in as many arrays as polls
+    # noticed failures), then stage 1's single trial the same way: 2 attempts x 5 trials.
+    counts = [count for _, count in submissions(fake_slurm)]
+    assert counts[0] == 4 and sum(counts) == 10 and counts[-2:] == [1, 1]
+    with ResultStore(sweep_env["store"]) as store:
+        trials = store.trials()
+        assert [t.status for t in trials] == ["done"] * 5
+        assert all(t.attempts == 2 and t.job_id.startswith("slurm:") for t in trials)
+    script = next((sweep_env["store"].parent / "sweep-runs" / "slurm").glob("array-0000/array.sbatch")).read_text()
+    assert "#SBATCH --partition=tiny" in script and "export SETUP_RAN=1" in script
+
+
+def test_slurm_jobs_outlive_a_killed_runner_and_are_adopted_not_resubmitted(sweep_env, fake_slurm):
+    args = sweep_env["args"](backend="slurm", widths=(16, 32), points=2, sleep=0.8)
+    command = [sys.executable, "-m", "megatron_muon.sweep", *args]
+    runner = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not submissions(fake_slurm):
+        time.sleep(0.05)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait()
+    assert submissions(fake_slurm) == [(1000, 4)]
+    restarted = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert restarted.returncode == 0, restarted.stderr
+    # Stage 0's array ran once (adopted after the restart); only stage 1 was submitted afterwards.
+    assert submissions(fake_slurm) == [(1000, 4), (1001, 1)]
+    assert set(ledger_counts(sweep_env["ledger"], "start").values()) == {1}
+
+
+def test_report_and_brute_force_comparison(sweep_env):
+    assert main(sweep_env["args"]("--parallel", "4", widths=(8, 32))) == 0
+    brute = sweep_env["args"](widths=(8, 32))
+    brute[0] = "brute"
+    assert main([*brute, "--brute-points", "7", "--parallel", "4"]) == 0
+    out = Path(os.environ.get("SWEEP_REPORT_DIR", sweep_env["tmp"] / "report"))
+    assert main(["report", "--store", str(sweep_env["store"]), "--out", str(out), "--loss-cap", "3"]) == 0
+    for name in ("stage0_surface.png", "stage1_surface.png", "stage2_surface.png", "surfaces.png",
+                 "loss_distribution.png", "drift.png", "report.md", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and [s["finished"] for s in summary["stages"]] == [16, 4, 1]
+    # The fake loss's width term is exactly 4 / sqrt(width) + const at each stage's optimum only up to grid error;
+    # the fit still has to find a decreasing power law.
+    fit = summary["power_law"]
+    assert fit["alpha"] > 0 and fit["A"] > 0
+    (comparison,) = summary["brute_force"]
+    assert comparison["runs"] == 49 and comparison["width"] == 32
+    # Bowl optimum at width 32: lr = 0.01, wd = 0.1; the 7-point brute grid over [1e-3, 1e-1] hits lr = 0.01.
+    assert comparison["optimum"]["lr"] == pytest.approx(0.01)
+    assert comparison["within_one_brute_cell"]
+    # Planned cost: stage s has 16/4^s runs at (8 * 2^s / 32)^2 -> 1 + 1 + 1 final-run units vs 49 brute runs.
+    assert comparison["telescope_cost_share"] == pytest.approx(3 / 49)
+    assert "Brute force at width 32" in (out / "report.md").read_text()
+
+
+def test_plan_and_economics_commands(tmp_path, capsys):
+    assert main(["plan", "--base-width", "2", "--calibration-width", "16", "--points", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "final run = 20.0%" in text and "saves 92.2%" in text
+    png = tmp_path / "fig13.png"
+    assert main(["economics", "--grid-runs", "64", "4", "--levels", "2", "4", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert "   64      4  1.0000    4.000     20.0     92.2" in capsys.readouterr().out
