@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) examples/muon_vs_adamw.py
+	$(PY) examples/quickstart.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/orthogonalize.py
