@@ -98,10 +98,15 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from(args) -> TelescopeConfig:
+    template, fixed = args.template, parse_fixed(args.fixed)
+    if template == DEFAULT_TEMPLATE:
+        # The embedded trial in muP relative to the sweep's base width: the swept LR / WD are the base model's.
+        template += " --mup-base-width {mup_base_width}"
+        fixed.setdefault("mup_base_width", args.base_width)
     return TelescopeConfig(
         base_width=args.base_width, calibration_width=args.calibration_width,
         ranges=tuple(args.hp or [parse_range(r) for r in DEFAULT_RANGES]), points=args.points,
-        final_width=args.final_width, template=args.template, fixed=parse_fixed(args.fixed),
+        final_width=args.final_width, template=template, fixed=fixed,
         objective=args.objective, cost_exponent=args.cost_exponent,
     )
 

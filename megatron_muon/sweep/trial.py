@@ -11,8 +11,10 @@ a fixed held-out set, the token count and the wall time of the training loop.
 
 Width scales the model the way the paper's family does (Sec. 5.2): hidden = width, fixed head dimension so the
 head count grows with width, GQA with half as many K/V groups, gated MLP of 4 x width; depth, sequence length,
-batch and steps stay fixed. There are no muP multipliers yet: the learning rate is a swept hyperparameter at every
-width, so its optimum drifts with width instead of transferring.
+batch and steps stay fixed. With `--mup-base-width N0` the model is parametrized by muP relative to width N0
+(megatron_muon/megatron/mup.py, preset `--mup-preset`, the paper's `essential` by default): per-matrix init,
+embedding and logit multipliers, and per-parameter LR / weight decay / Adam eps, so the swept LR and WD are the
+base model's and should transfer across widths. Without it (0) the model is in standard parametrization.
 """
 
 from __future__ import annotations
@@ -72,10 +74,39 @@ def warmup_cosine(steps: int):
     return factor
 
 
+def param_groups(model, args) -> list[dict]:
+    """One group per (Muon or Adam, muP multipliers): the muP tags of apply_mup, or all 1 without muP."""
+    from megatron_muon.muon import ADAMW_DEFAULTS, is_muon_matrix
+
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        rule = getattr(p, "mup_rule", None)
+        mults = (rule.lr_mult, rule.wd_mult, rule.eps_mult) if rule is not None else (1.0, 1.0, 1.0)
+        use_muon = args.optimizer == "muon" and is_muon_matrix(name, p)
+        group = groups.setdefault((use_muon, *mults), dict(
+            params=[], use_muon=use_muon, lr=args.lr * mults[0], weight_decay=args.wd * mults[1],
+            eps=ADAMW_DEFAULTS["eps"] * mults[2],
+        ))
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def build_model(shape, args):
+    """The GPT of `shape`, in muP relative to --mup-base-width when it is set."""
+    from megatron_muon.megatron.models import build_gpt
+    from megatron_muon.megatron.mup import MupSpec, apply_mup, base_widths, target_widths, transformer_config_fields
+
+    if not args.mup_base_width:
+        return build_gpt(shape)
+    model = build_gpt(shape, **transformer_config_fields(args.mup_preset, args.mup_base_width, shape.hidden_size))
+    base = base_widths(target_widths(model.config), args.mup_base_width)
+    apply_mup([model], MupSpec(args.mup_preset, base, "muon" if args.optimizer == "muon" else "adam"))
+    return model
+
+
 def train(args) -> dict:
     import torch.distributed as dist
 
-    from megatron_muon.megatron.models import build_gpt
     from megatron_muon.megatron.parallel import model_parallel
     from megatron_muon.muon import ADAMW_DEFAULTS, MuonWithAdamW
 
@@ -88,12 +119,12 @@ def train(args) -> dict:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
         try:
             with model_parallel(seed=args.seed):
-                model = build_gpt(shape)
+                model = build_model(shape, args)
+                groups = param_groups(model, args)
                 if args.optimizer == "muon":
-                    optimizer = MuonWithAdamW.for_model(model, lr=args.lr, weight_decay=args.wd)
+                    optimizer = MuonWithAdamW(groups, lr=args.lr, weight_decay=args.wd)
                 else:
-                    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd,
-                                                  **ADAMW_DEFAULTS)
+                    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.wd, **ADAMW_DEFAULTS)
                 schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
                 seq = args.seq_length
                 positions = torch.arange(seq).unsqueeze(0)
@@ -159,6 +190,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1234, help="model init and data order")
     parser.add_argument("--data-seed", type=int, default=0, help="the language itself and the held-out set")
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--mup-base-width", type=int, default=0,
+                        help="muP base width N0 (LR and WD are the base model's); 0: standard parametrization")
+    parser.add_argument("--mup-preset", default="essential", help="muP preset (megatron_muon.mup_rules.PRESETS)")
     parser.add_argument("--out", type=Path, required=True, help="result JSON, written atomically at the end")
     return parser.parse_args(argv)
 
