@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=16, help="sequences per step (global = micro batch)")
     parser.add_argument("--lr-muon", type=float, default=1e-2)
-    parser.add_argument("--lr-adam", type=float, default=1e-2)
+    parser.add_argument("--lr-adam", type=float, default=3e-3)
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "quickstart")
     parser.add_argument("--data-dir", type=Path, default=None, help="dataset cache (default: megatron-muon's)")
