@@ -80,3 +80,20 @@ def test_batch_not_divisible_by_micro_batch_times_dp_is_refused(corpus, tmp_path
     assert result.returncode != 0
     assert re.search(r"\(3\) must be divisible by \w+ \(2\) \* data_parallel_size \(1\)", result.stdout), \
         result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adam"])
+def test_mup_flags_reach_the_model_and_the_optimizer(optimizer, corpus, tmp_path):
+    """--use-mup with a base of half the width: the paper's preset for Muon; for Adam only with --mup-preset."""
+    preset = [] if optimizer == "muon" else ["--mup-preset", "essential"]
+    result = _train("--model-config", "cpu-tiny", "--corpus", str(corpus), "--corpus-vocab-size", "400",
+                    "--data-dir", str(tmp_path / "data"), "--train-iters", "2", *SMALL, "--optimizer", optimizer,
+                    "--use-mup", "--mup-base-hidden-size", "32", "--mup-base-num-query-groups", "1", *preset)
+    assert result.returncode == 0, result.stdout[-6000:]
+    trains = "muon" if optimizer == "muon" else "adam"
+    assert re.search(rf"megatron-muon: muP preset essential for {trains}, base ModelWidths\(hidden=32, ffn_hidden=\d+, "
+                     rf"num_heads=1, num_query_groups=1, head_dim=32", result.stdout), result.stdout[-6000:]
+    # apply_mup checked that the TransformerConfig carries the preset's multipliers (logits 1/sqrt(2), not 1/2).
+    assert "embedding x1.414, logits x0.7071" in result.stdout
+    losses = [float(m.group(3)) for m in ITERATION.finditer(result.stdout)]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
