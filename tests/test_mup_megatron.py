@@ -38,7 +38,8 @@ def _build(shape, preset: str | None, base_hidden: int = 64, optimizer: str = "m
 
     if preset is None:
         return build_gpt(shape, torch.float32), None
-    model = build_gpt(shape, torch.float32, **transformer_config_fields(preset, base_hidden, shape.hidden_size))
+    head_dim = shape.hidden_size // shape.num_attention_heads
+    model = build_gpt(shape, torch.float32, **transformer_config_fields(preset, base_hidden, shape.hidden_size, head_dim))
     spec = MupSpec(preset, base_widths(target_widths(model.config), base_hidden, **base), optimizer)
     return model, apply_mup([model], spec)
 
@@ -222,7 +223,7 @@ def _apply_twice_and_mismatch():
         model, _ = _build(_target(), "essential")
         spec = MupSpec("essential", base_widths(target_widths(model.config), 64))
         for call in (lambda: apply_mup([model], spec),
-                     # Megatron's default use_mup logit multiplier (1/m), not the preset's 1/sqrt(m).
+                     # Megatron's default use_mup multipliers (embedding 1, logits 1/m), not the preset's.
                      lambda: apply_mup([build_gpt(_target(), torch.float32, use_mup=True, mup_base_hidden_size=64)], spec)):
             try:
                 call()
@@ -235,7 +236,7 @@ def _apply_twice_and_mismatch():
 def test_applying_twice_or_to_a_mismatched_config_fails():
     (errors,) = run_ranks(_apply_twice_and_mismatch, 1, ())
     assert "already applied" in errors[0]
-    assert "mup_output_mult" in errors[1] and "transformer_config_fields" in errors[1]
+    assert "TransformerConfig.mup_" in errors[1] and "transformer_config_fields" in errors[1]
 
 
 def _args(**changes) -> argparse.Namespace:
@@ -253,6 +254,7 @@ def test_flags_resolve_to_megatron_fields():
     resolve_mup_args(args)  # --optimizer muon with --use-mup: the paper's preset
     assert (args.mup_preset, args.mup_embedding_mult, args.mup_output_mult) == ("essential", pytest.approx(2**0.5),
                                                                                 pytest.approx(SQRT_HALF))
+    assert args.mup_base_head_dim == 16  # the base's head dim: 1/sqrt(16) attention scale at the base width
     adam = _args(optimizer="adam")
     resolve_mup_args(adam)  # no preset: megatron-core's own muP, untouched
     assert (adam.mup_preset, adam.mup_output_mult) == (None, 1.0)
@@ -266,8 +268,8 @@ def test_flags_resolve_to_megatron_fields():
     (dict(mup_output_mult=0.3), "--mup-output-mult 0.3 conflicts with --mup-preset essential"),
     (dict(decoupled_lr=1e-3), "--decoupled-lr"),
     (dict(mup_base_hidden_size=256), "larger than the target"),
-    (dict(mup_base_hidden_size=48), "give it with --mup-base-ffn-hidden-size"),
-    (dict(mup_base_hidden_size=32, mup_base_ffn_hidden_size=64), "heads per query group"),
+    (dict(ffn_hidden_size=255), "127.5 is not an integer; give it with --mup-base-ffn-hidden-size"),
+    (dict(mup_base_hidden_size=16), "1 heads, not a multiple of the target's 2 heads per query group"),
     (dict(mup_base_head_dim=12.5), "--mup-base-head-dim 12.5 must be an integer"),
 ])
 def test_bad_mup_flags_fail_naming_the_flag(changes, message):

@@ -167,6 +167,9 @@ def resolve_mup_args(args: argparse.Namespace) -> None:
         return
     base, target = mup_widths_from_args(args)
     check_base_and_target(base, target)
+    if args.mup_base_head_dim is None:
+        # The standard 1/sqrt(head_dim) attention scale at the base width (see mup.transformer_config_fields).
+        args.mup_base_head_dim = base.head_dim
     embedding_mult, output_mult = forward_multipliers(args.mup_preset, base.hidden, args.hidden_size)
     for flag, field, value in (("--mup-embedding-mult", "mup_embedding_mult", embedding_mult),
                                ("--mup-output-mult", "mup_output_mult", output_mult)):

@@ -145,11 +145,16 @@ def forward_multipliers(preset: str, base_hidden: int, hidden: int) -> tuple[flo
     return r ** float(p.embedding_forward_power), r ** float(p.output_forward_power)
 
 
-def transformer_config_fields(preset: str, base_hidden: int, hidden: int) -> dict:
-    """The TransformerConfig muP fields for `preset` (megatron.training sets them from the flags)."""
+def transformer_config_fields(preset: str, base_hidden: int, hidden: int, base_head_dim: int) -> dict:
+    """The TransformerConfig muP fields for `preset` (megatron.training sets them from the flags).
+
+    mup_base_head_dim makes Megatron's attention scale sqrt(base_head_dim) / head_dim: the standard
+    1 / sqrt(head_dim) at the base, so the base model is the SP model the hyperparameters were tuned on (left
+    unset, Megatron uses 1 / head_dim at every width, the base included).
+    """
     embedding_mult, output_mult = forward_multipliers(preset, base_hidden, hidden)
     return dict(use_mup=True, mup_base_hidden_size=base_hidden, mup_embedding_mult=embedding_mult,
-                mup_output_mult=output_mult)
+                mup_output_mult=output_mult, mup_base_head_dim=base_head_dim)
 
 
 def megatron_init_mult(role: str, config) -> float:
@@ -280,7 +285,8 @@ def mup_config_overrides(config, model_chunks: list) -> dict:
         override = {}
         if lr_mult != 1.0:
             override["max_lr"] = config.lr * lr_mult
-            override["min_lr"] = config.min_lr * lr_mult
+            if config.min_lr is not None:
+                override["min_lr"] = config.min_lr * lr_mult
         if wd_mult != 1.0:
             override["wd_mult"] = wd_mult
         if eps_mult != 1.0:

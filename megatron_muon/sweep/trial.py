@@ -98,7 +98,9 @@ def build_model(shape, args):
 
     if not args.mup_base_width:
         return build_gpt(shape)
-    model = build_gpt(shape, **transformer_config_fields(args.mup_preset, args.mup_base_width, shape.hidden_size))
+    model = build_gpt(
+        shape, **transformer_config_fields(args.mup_preset, args.mup_base_width, shape.hidden_size, args.head_dim)
+    )
     base = base_widths(target_widths(model.config), args.mup_base_width)
     apply_mup([model], MupSpec(args.mup_preset, base, "muon" if args.optimizer == "muon" else "adam"))
     return model
