@@ -173,7 +173,7 @@ def _load_adam_into_muon(ckpt_dir: str, distributed: bool) -> str:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.megatron.models import build_gpt
+    from megatron_muon.megatron.models import TINY, build_gpt
     from megatron_muon.megatron.optimizer import build_muon_optimizer
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -218,7 +218,7 @@ def _load_muon_into_adam(ckpt_dir: str, distributed: bool) -> str:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.megatron.models import build_gpt
+    from megatron_muon.megatron.models import TINY, build_gpt
     from megatron_muon.megatron.optimizer import build_muon_optimizer
     from megatron_muon.megatron.parallel import model_parallel
     from megatron_muon.megatron.steps import forward_backward
