@@ -9,31 +9,15 @@
 # Arguments given to the sbatch script are passed on to the training entry unchanged.
 set -euo pipefail
 
-: "${MODEL:?set MODEL (e.g. 4b, 3.67b)}"
-: "${OPTIMIZER:?set OPTIMIZER (muon or adam)}"
-: "${LR:?set LR, the peak learning rate (the paper does not publish its values)}"
 BATCH_TOKENS=${BATCH_TOKENS:-8M}
-NS_PRECISION=${NS_PRECISION:-bf16}
-RUN_NAME=${RUN_NAME:-${MODEL}-${OPTIMIZER}-${BATCH_TOKENS}}
-OUTPUT_DIR=${OUTPUT_DIR:-runs/${RUN_NAME}}
-SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
-PYTHON=${PYTHON:-python}
+NODES=$SLURM_JOB_NUM_NODES
+GPUS_PER_NODE=8
+# shellcheck source=launch/plan_args.sh
+source "$(dirname "${BASH_SOURCE[0]}")/plan_args.sh"
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-29500}
-
-plan=(--model "$MODEL" --optimizer "$OPTIMIZER" --nodes "$SLURM_JOB_NUM_NODES" --gpus-per-node 8
-      --batch-tokens "$BATCH_TOKENS" --lr "$LR" --ns-precision "$NS_PRECISION" --run-name "$RUN_NAME"
-      --save-dir "$OUTPUT_DIR/checkpoints" --save-interval "$SAVE_INTERVAL"
-      --tensorboard-dir "$OUTPUT_DIR/tensorboard")
-if [[ -n ${TRAIN_TOKENS:-} ]]; then plan+=(--train-tokens "$TRAIN_TOKENS"); fi
-if [[ -n ${WANDB_PROJECT:-} ]]; then plan+=(--wandb-project "$WANDB_PROJECT"); fi
-# shellcheck disable=SC2206  # DATA_PATH is a list of prefixes (or weight prefix pairs)
-if [[ -n ${DATA_PATH:-} ]]; then plan+=(--data-path $DATA_PATH); fi
-if [[ -n ${TOKENIZER_MODEL:-} ]]; then
-    plan+=(--tokenizer-type "${TOKENIZER_TYPE:-HuggingFaceTokenizer}" --tokenizer-model "$TOKENIZER_MODEL")
-fi
 
 mkdir -p "$OUTPUT_DIR"
 # Fails here, before any node starts, when no layout fits (the message says why).
