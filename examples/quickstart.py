@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     tokens_per_iter = args.batch * seq
 
     console.print(f"[bold]2/3[/] training {args.model_config} for {args.iters} iterations x {tokens_per_iter} tokens")
+    lrs = {"muon": args.lr_muon, "adam": args.lr_adam}
     curves, seconds = {}, {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
-        for optimizer, lr in (("muon", args.lr_muon), ("adam", args.lr_adam)):
+        for optimizer, lr in lrs.items():
             task = progress.add_task(f"{optimizer:5s} lr {lr:g}", total=args.iters)
             start = time.time()
             curves[optimizer] = run(optimizer, lr, args, progress, task)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     for (optimizer, points), color in zip(curves.items(), ("tab:red", "tab:blue")):
         tokens, losses = smoothed[optimizer]
         ax.plot(tokens, [loss for _, loss in points], color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(tokens, losses, color=color, label=f"{optimizer} (lr {args.lr_muon if optimizer == 'muon' else args.lr_adam:g})")
+        ax.plot(tokens, losses, color=color, label=f"{optimizer} (lr {lrs[optimizer]:g})")
     ax.axhline(target, color="gray", linestyle=":", linewidth=0.8)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("lm loss")

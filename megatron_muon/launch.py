@@ -15,6 +15,28 @@ import runpy
 import sys
 
 
+def prepare_process() -> bool:
+    """Install the plugin (and the CPU shims without CUDA) and make a plain process rank 0 of 1; True with CUDA."""
+    import torch
+
+    import megatron_muon
+
+    cuda = torch.cuda.is_available()
+    megatron_muon.install()
+    if not cuda:
+        from megatron_muon.megatron import cpu_shims
+
+        cpu_shims.apply()
+    if "RANK" not in os.environ:
+        # A plain `python -m ...` is one rank; Megatron's rendezvous still wants an address.
+        from megatron_muon.testing.ranks import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    return cuda
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -24,22 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isfile(script):
         raise SystemExit(f"megatron_muon.launch: no such training script: {script}")
 
-    import torch
-
-    import megatron_muon
-
-    megatron_muon.install()
-    if not torch.cuda.is_available():
-        from megatron_muon.megatron import cpu_shims
-
-        cpu_shims.apply()
-    if "RANK" not in os.environ:
-        # A plain `python -m megatron_muon.launch ...` is one rank; Megatron's rendezvous still wants an address.
-        from megatron_muon.testing.ranks import free_port
-
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    prepare_process()
     sys.argv = [script, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")

@@ -184,22 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__.strip())
         raise SystemExit(0)
-    import torch
+    from megatron_muon.launch import prepare_process
 
-    import megatron_muon
-
-    cuda = torch.cuda.is_available()
-    megatron_muon.install()
-    if not cuda:
-        from megatron_muon.megatron import cpu_shims
-
-        cpu_shims.apply()
-    if "RANK" not in os.environ:  # one plain process: Megatron's rendezvous still wants an address
-        from megatron_muon.testing.ranks import free_port
-
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    cuda = prepare_process()
     if not cuda:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron asks for it with TP > 1
 

@@ -168,6 +168,7 @@ def _param_groups(optimizer_name: str, preset: str):
     from megatron.core.optimizer import get_megatron_optimizer
 
     from megatron_muon.megatron.config import MuonOptimizerConfig
+    from megatron_muon.megatron.optimizer import _main_param_ranges
     from megatron_muon.megatron.parallel import model_parallel
 
     with model_parallel(tensor_parallel=1, seed=3):
@@ -179,22 +180,13 @@ def _param_groups(optimizer_name: str, preset: str):
         names = {p: n for n, p in model.named_parameters()}
         seen = {}
         for inner in optimizer.chained_optimizers:
+            model_of_main = {id(main): p for p, (main, _, _) in _main_param_ranges(inner, distributed=True).items()}
             for group in inner.optimizer.param_groups:
                 for main in group["params"]:
-                    model_param = _model_param_of(inner, main)
+                    model_param = model_of_main[id(main)]
                     seen[names[model_param]] = (group["max_lr"] / LR, group["min_lr"] / MIN_LR,
                                                 group.get("eps", EPS) / EPS, group.get("wd_mult", 1.0))
         return seen, {n: dataclasses.asdict(r) for n, r in rules.items()}
-
-
-def _model_param_of(wrapper, main):
-    for model_groups, main_groups in ((wrapper.model_float16_groups, wrapper.shard_fp32_from_float16_groups),
-                                      (wrapper.model_fp32_groups, wrapper.shard_fp32_groups)):
-        for model_group, main_group in zip(model_groups, main_groups):
-            for model_param, main_param in zip(model_group, main_group):
-                if main_param is main:
-                    return model_param
-    raise KeyError("main param not found")
 
 
 @pytest.mark.parametrize("optimizer_name,preset", [("muon", "essential"), ("muon", "spectral"), ("adam", "spectral")])
