@@ -15,7 +15,9 @@ GPUS_PER_NODE=8
 # shellcheck source=launch/plan_args.sh
 source "$(dirname "${BASH_SOURCE[0]}")/plan_args.sh"
 
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# No `| head` here: head closes the pipe early, and under pipefail scontrol's SIGPIPE would end the job (exit 141).
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${hosts%%$'\n'*}
 export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-29500}
 

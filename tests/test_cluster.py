@@ -180,7 +180,9 @@ def _stub(directory: Path, name: str, body: str):
 def test_sbatch_script_plans_then_starts_one_launcher_per_node(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _stub(bin_dir, "scontrol", 'printf "gpu-a01\\ngpu-a02\\n"\n')
+    # The real scontrol may write its host list in several pieces; a reader that stops after the first line
+    # (`| head -n 1` under pipefail) then ends the job with SIGPIPE. The pause makes that deterministic.
+    _stub(bin_dir, "scontrol", 'echo gpu-a01; sleep 0.2; printf "gpu-a%02d\\n" $(seq 2 16)\n')
     _stub(bin_dir, "srun", f'echo "$@" > {tmp_path}/srun.args\n')
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-a[01-16]",
                SLURM_JOB_NUM_NODES="16", SLURM_SUBMIT_DIR=str(REPO), LR="3e-3", BATCH_TOKENS="4M",

@@ -206,7 +206,8 @@ def test_one_runner_per_store(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # SLURM, faked: sbatch starts a detached worker that runs the array's tasks one after another (as a cluster would,
-# it outlives the runner); squeue lists tasks not yet ended; sacct reports state and exit code.
+# it outlives the runner); squeue lists tasks not yet ended, by job id or by job name; sacct reports state and exit
+# code. With FAKE_SBATCH_HANG set, sbatch submits and then hangs before answering (its pid in sbatch.pid).
 # ---------------------------------------------------------------------------------------------------------------
 
 FAKE_SBATCH = """
@@ -214,10 +215,12 @@ import os, re, subprocess, sys, pathlib
 state = pathlib.Path(os.environ["FAKE_SLURM_DIR"])
 script = sys.argv[-1]
 assert sys.argv[1] == "--parsable", sys.argv
-count = int(re.search(r"#SBATCH --array=0-(\\d+)", open(script).read()).group(1)) + 1
+text = open(script).read()
+count = int(re.search(r"#SBATCH --array=0-(\\d+)", text).group(1)) + 1
 counter = state / "next_id"
 job = int(counter.read_text()) if counter.exists() else 1000
 counter.write_text(str(job + 1))
+(state / f"{job}.name").write_text(re.search(r"#SBATCH --job-name=(\\S+)", text).group(1))
 for i in range(count):
     (state / f"{job}_{i}").write_text("PENDING")
 worker = (
@@ -232,16 +235,25 @@ subprocess.Popen([sys.executable, "-c", worker], start_new_session=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 with open(state / "submissions", "a") as f:
     f.write(f"{job} {count}\\n")
+if os.environ.get("FAKE_SBATCH_HANG"):
+    (state / "sbatch.pid").write_text(str(os.getpid()))
+    import time; time.sleep(600)
 print(job)
 """
 
 FAKE_SQUEUE = """
 import os, sys, pathlib
 state = pathlib.Path(os.environ["FAKE_SLURM_DIR"])
-jobs = sys.argv[sys.argv.index("-j") + 1].split(",")
-for path in sorted(state.glob("*_*")):
-    if path.name.split("_")[0] in jobs and path.read_text() in ("PENDING", "RUNNING"):
-        print(path.name)
+args = sys.argv
+name = lambda job: (state / f"{job}.name").read_text()
+if "-j" in args:
+    wanted = lambda job: job in args[args.index("-j") + 1].split(",")
+else:
+    wanted = lambda job: name(job) in args[args.index("--name") + 1].split(",")
+for path in sorted(state.glob("[0-9]*_*")):
+    job = path.name.split("_")[0]
+    if wanted(job) and path.read_text() in ("PENDING", "RUNNING"):
+        print(args[args.index("-o") + 1].replace("%j", name(job)).replace("%i", path.name))
 """
 
 FAKE_SACCT = """
@@ -290,15 +302,33 @@ def test_slurm_arrays_resubmit_failures_and_carry_sbatch_args(sweep_env, fake_sl
     assert "#SBATCH --partition=tiny" in script and "export SETUP_RAN=1" in script
 
 
-def test_slurm_jobs_outlive_a_killed_runner_and_are_adopted_not_resubmitted(sweep_env, fake_slurm):
+def _job_ids(store: Path) -> list:
+    with sqlite3.connect(store) as conn:
+        return [row[0] for row in conn.execute("SELECT job_id FROM trials ORDER BY id")]
+
+
+@pytest.mark.parametrize("killed", ["after recording the job ids", "while sbatch was answering"])
+def test_slurm_jobs_outlive_a_killed_runner_and_are_adopted_not_resubmitted(sweep_env, fake_slurm, killed):
     args = sweep_env["args"](backend="slurm", widths=(16, 32), points=2, sleep=0.8)
     command = [sys.executable, "-m", "megatron_muon.sweep", *args]
-    runner = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    hang = killed == "while sbatch was answering"
+    env = dict(os.environ, FAKE_SBATCH_HANG="1") if hang else None
+    runner = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ready():
+        if hang:
+            return (fake_slurm / "sbatch.pid").exists()
+        return sweep_env["store"].exists() and _job_ids(sweep_env["store"]).count(None) == 0
+
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not submissions(fake_slurm):
+    while time.monotonic() < deadline and runner.poll() is None and not ready():
         time.sleep(0.05)
+    assert ready()
     os.kill(runner.pid, signal.SIGKILL)
     runner.wait()
+    if hang:
+        os.kill(int((fake_slurm / "sbatch.pid").read_text()), signal.SIGKILL)
+        assert _job_ids(sweep_env["store"]) == [None] * 4  # the store never learned the array's id
     assert submissions(fake_slurm) == [(1000, 4)]
     restarted = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert restarted.returncode == 0, restarted.stderr

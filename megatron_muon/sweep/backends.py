@@ -8,6 +8,7 @@ and adopted jobs it did not start) judge trials the same way. Job ids are "backe
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shlex
 import signal
@@ -48,6 +49,9 @@ class LocalBackend:
     name = "local"
     # Local children die with the runner; a restarted runner cannot poll them, so it judges them by their files.
     adopts_jobs = False
+
+    def find_submitted(self, run_dirs: Sequence[str]) -> dict[str, str]:
+        return {}
 
     def __init__(self, parallel: int = 1, threads: int = 1):
         if parallel < 1:
@@ -104,7 +108,8 @@ class SlurmBackend:
 
     `sbatch_args` go onto the #SBATCH lines (e.g. --partition=..., --gres=gpu:8, --time=...); `setup` lines run
     before the command in every task (module loads, environment activation). `max_running` throttles the array
-    (%N). Jobs outlive the runner: a restarted runner polls the job ids the store recorded and adopts them.
+    (%N). Jobs outlive the runner: a restarted runner polls the job ids the store recorded and adopts them, and
+    finds by their unique job name the arrays whose ids it never recorded (killed while sbatch was answering).
     """
 
     name = "slurm"
@@ -127,6 +132,11 @@ class SlurmBackend:
         path.mkdir()
         return path
 
+    @staticmethod
+    def _job_name(array_dir: Path) -> str:
+        # Unique per sweep directory and array, so that squeue can find an array by name alone.
+        return f"sweep-{array_dir.name}-{hashlib.sha1(str(array_dir).encode()).hexdigest()[:10]}"
+
     def submit(self, launches: Sequence[Launch]) -> list[str]:
         if not launches:
             return []
@@ -138,13 +148,15 @@ class SlurmBackend:
             lines.append(f"cd {shlex.quote(str(launch.cwd))} && exec {shlex.join(launch.argv)} "
                          f">> {shlex.quote(str(launch.log_path))} 2>&1")
         commands.write_text("\n".join(lines) + "\n")
+        # Task i runs the attempt in line i; find_submitted reads this when the job id was never recorded.
+        (array_dir / "run_dirs").write_text("".join(f"{launch.run_dir}\n" for launch in launches))
         throttle = f"%{self.max_running}" if self.max_running else ""
         script = array_dir / "array.sbatch"
         script.write_text("\n".join([
             "#!/bin/bash",
             f"#SBATCH --array=0-{len(launches) - 1}{throttle}",
             f"#SBATCH --output={array_dir}/task-%a.out",
-            f"#SBATCH --job-name=sweep-{array_dir.name}",
+            f"#SBATCH --job-name={self._job_name(array_dir)}",
             *(f"#SBATCH {arg}" for arg in self.sbatch_args),
             "set -eo pipefail",
             *self.setup,
@@ -175,6 +187,32 @@ class SlurmBackend:
                 return {j: RUNNING for j in job_ids}
         listed = {f"{self.name}:{line.strip()}" for line in out.stdout.splitlines() if line.strip()}
         return {j: RUNNING if j in listed else ENDED for j in job_ids}
+
+    def find_submitted(self, run_dirs: Sequence[str]) -> dict[str, str]:
+        """Job ids of the still queued or running tasks that run these attempt directories, for attempts whose
+        runner was stopped after sbatch accepted the array but before the store recorded its id. Attempts not
+        found have ended (their result file decides) or were never submitted."""
+        wanted = set(map(str, run_dirs))
+        arrays = {}  # job name -> attempt directory of each task index
+        for listing in sorted(self.work_dir.glob("array-*/run_dirs")):
+            tasks = listing.read_text().splitlines()
+            if wanted.intersection(tasks):
+                arrays[self._job_name(listing.parent)] = tasks
+        if not arrays:
+            return {}
+        out = subprocess.run([self._squeue, "-h", "-r", "-o", "%j %i", "--name", ",".join(arrays)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            # Guessing "not submitted" here would run these trials twice on the cluster.
+            raise RuntimeError(f"squeue failed ({out.returncode}) while looking for arrays {sorted(arrays)} whose "
+                               f"job ids were never recorded: {out.stderr.strip()}; rerun once squeue answers")
+        found = {}
+        for line in out.stdout.splitlines():
+            name, task = line.split()
+            run_dir = arrays[name][int(task.split("_")[1])]
+            if run_dir in wanted:
+                found[run_dir] = f"{self.name}:{task}"
+        return found
 
     def describe_end(self, job_id: str) -> str:
         """SLURM's account of an ended task (state and exit code), when sacct is available."""

@@ -4,8 +4,8 @@ The order of events for one attempt: the store marks the trial running (attempt 
 directory), then the backend starts the command, then the store records the job id; when the backend says the job
 ended, its result file decides done/diverged or a failed attempt. A runner killed between any two of these steps
 is picked up by the next one: trials marked running are harvested from their result file when it exists, adopted
-when the backend can still see the job (SLURM), and put back to pending otherwise (a local child dies with its
-runner). Finished trials are never launched again.
+when the backend can still see the job (SLURM: by the recorded job id, or by the array's unique job name when the
+runner died before recording the id), and put back to pending otherwise (a local child dies with its runner). Finished trials are never launched again.
 
 The telescope driver runs Algorithm 1 stage by stage: a stage's centre and its trials are fixed in the store in
 one transaction when the stage starts, so a resumed sweep runs exactly the grid it started with, and the next
@@ -124,6 +124,11 @@ class TrialRunner:
     def recover(self) -> None:
         """Settle every trial a previous runner left marked running (see the module docstring)."""
         left_running = self.store.trials(status="running")
+        unrecorded = [t.run_dir for t in left_running if t.job_id is None and t.run_dir]
+        found = self.backend.find_submitted(unrecorded) if unrecorded else {}
+        if found:
+            self.store.set_jobs([(t.id, found[t.run_dir]) for t in left_running if t.run_dir in found])
+            left_running = self.store.trials(status="running")
         foreign = sorted({backend_of(t.job_id) for t in left_running
                           if t.job_id and backend_of(t.job_id) != self.backend.name})
         if foreign and any(b != "local" for b in foreign):
