@@ -20,7 +20,9 @@ from megatron_muon.sweep.store import ResultStore, StoreLocked, StoreMismatch, T
 REPO = Path(__file__).resolve().parents[1]
 
 # A stand-in for a training run: a loss bowl in (log lr, log wd) whose lr optimum moves as 1/width, a fake
-# curve, and a ledger line when it starts and when it finishes. Stdlib only, so it starts in milliseconds.
+# curve, and a ledger line when it starts and when it finishes. While the file FAKE_HOLD_FILE names exists, a
+# trial starting after its creation waits (ledger line "held") so a test can kill the runner mid-trial.
+# Stdlib only, so it starts in milliseconds.
 FAKE_TRIAL = textwrap.dedent("""
     import argparse, json, math, os, sys, time
     p = argparse.ArgumentParser()
@@ -32,6 +34,11 @@ FAKE_TRIAL = textwrap.dedent("""
         with open(a.ledger, "a") as f:
             f.write(f"{event} {key}\\n")
     note("start")
+    hold = os.environ.get("FAKE_HOLD_FILE")
+    if hold and os.path.exists(hold):
+        note("held")
+        while os.path.exists(hold):
+            time.sleep(0.05)
     time.sleep(a.sleep)
     if os.environ.get("FAKE_FAIL_WIDTH") == str(a.width):
         sys.exit("failing on purpose")
@@ -107,7 +114,9 @@ def test_telescope_runs_stages_in_order_centred_on_each_optimum(sweep_env):
 
 def test_sigkill_mid_stage_then_restart_loses_and_reruns_nothing(sweep_env):
     command = [sys.executable, "-m", "megatron_muon.sweep", *sweep_env["args"]("--parallel", "2", sleep=0.3)]
-    runner = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    hold = sweep_env["tmp"] / "hold"
+    runner = subprocess.Popen(command, cwd=REPO, env=dict(os.environ, FAKE_HOLD_FILE=str(hold)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     store_path = sweep_env["store"]
     deadline = time.monotonic() + 60
     done_at_kill = []
@@ -117,15 +126,16 @@ def test_sigkill_mid_stage_then_restart_loses_and_reruns_nothing(sweep_env):
                 rows = trial_rows(store_path)
             except sqlite3.OperationalError:  # schema not created yet
                 rows = []
-            done = [r for r in rows if r["status"] == "done"]
-            running = [r for r in rows if r["status"] == "running"]
-            if len(done) >= 3 and running:
-                done_at_kill = done
+            if len([r for r in rows if r["status"] == "done"]) >= 3:
+                hold.touch()  # trials starting from now on wait: one will be mid-run when the kill lands
+            if "held" in sweep_env["ledger"].read_text().split():
+                done_at_kill = [r for r in rows if r["status"] == "done"]
                 os.kill(runner.pid, signal.SIGKILL)
                 break
         assert runner.poll() is None, runner.stderr.read().decode()
         time.sleep(0.05)
     runner.wait()
+    hold.unlink()
     assert done_at_kill, "the runner never got three trials done"
     rows = trial_rows(store_path)
     killed_mid_trial = [r for r in rows if r["status"] == "running"]
@@ -318,7 +328,10 @@ def test_slurm_jobs_outlive_a_killed_runner_and_are_adopted_not_resubmitted(swee
     def ready():
         if hang:
             return (fake_slurm / "sbatch.pid").exists()
-        return sweep_env["store"].exists() and _job_ids(sweep_env["store"]).count(None) == 0
+        try:
+            return sweep_env["store"].exists() and _job_ids(sweep_env["store"]).count(None) == 0
+        except sqlite3.OperationalError:  # schema not created yet
+            return False
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and runner.poll() is None and not ready():
