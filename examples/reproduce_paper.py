@@ -1,11 +1,12 @@
 """Both of the paper's methods at CPU scale, end to end: see examples/reproduce_paper.md for the results.
 
-    python examples/reproduce_paper.py [--out results/reproduce_paper] [--parallel 2]
+    python examples/reproduce_paper.py [--out results/reproduce_paper] [--parallel 2] [--parametrization mup|sp]
 
 1. Telescoping sweep (Algorithm 1) of Muon's learning rate and weight decay on tiny megatron-core GPTs,
    widths 32 -> 64 -> 128 (8x8 -> 4x4 -> 2x2), then the brute-force 8x8 grid at width 128 for comparison,
-   the sweep report (surfaces, distributions, drift, power law) and the Fig. 13 economics.
-2. Batch-size study: Muon and AdamW at 5 global batch sizes with one token budget, two learning rates each,
+   the sweep report (surfaces, distributions, drift, power law) and the Fig. 13 economics. In muP relative to
+   width 32 (the paper's setting), or in standard parametrization with `--parametrization sp`.
+2. Batch-size study: Muon and AdamW at 5 global batch sizes with one token budget, three learning rates each,
    giving R_L(B), tokens and steps to loss, token-optimal batch sizes and the compute-time plane.
 
 Every step is the public command with a results store, so an interrupted run resumes where it stopped and a
@@ -25,7 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 TELESCOPE = ["--base-width", "32", "--calibration-width", "128", "--points", "8",
              "--hp", "lr=1e-3:3e-1", "--hp", "wd=1e-3:1", "--fixed", "steps=150"]
-BATCH = ["--batch-sizes", "4", "8", "16", "32", "64", "--tokens", "131072", "--width", "64", "--device-unit", "512"]
+BATCH = ["--batch-sizes", "4", "8", "16", "32", "64", "--tokens", "131072", "--width", "64", "--device-unit", "512",
+         "--lr", "muon=0.01,0.03,0.1", "--lr", "adamw=0.003,0.01,0.03"]
+# The sweep's embedded trial is in muP relative to --base-width unless its muP base is set to 0.
+PARAMETRIZATION = {"mup": [], "sp": ["--fixed", "mup_base_width=0"]}
 
 
 def run(*args: str) -> None:
@@ -37,17 +41,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "reproduce_paper")
     parser.add_argument("--parallel", type=int, default=2, help="trials at a time (one CPU thread each)")
+    parser.add_argument("--parametrization", choices=sorted(PARAMETRIZATION), default="mup",
+                        help="of the telescoping sweep's models (the batch study is at one width)")
     args = parser.parse_args()
+    telescope_args = TELESCOPE + PARAMETRIZATION[args.parametrization]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     store = str(out / "telescope.sqlite")
     common = ["--store", store, "--parallel", str(args.parallel), "--quiet"]
 
-    run("-m", "megatron_muon.sweep", "plan", *TELESCOPE)
-    run("-m", "megatron_muon.sweep", "telescope", *TELESCOPE, *common)
+    run("-m", "megatron_muon.sweep", "plan", *telescope_args)
+    run("-m", "megatron_muon.sweep", "telescope", *telescope_args, *common)
     # Its own store, so it can run beside the telescope (one runner per store).
     brute = str(out / "brute.sqlite")
-    run("-m", "megatron_muon.sweep", "brute", *TELESCOPE, *common, "--store", brute, "--width", "128")
+    run("-m", "megatron_muon.sweep", "brute", *telescope_args, *common, "--store", brute, "--width", "128")
     run("-m", "megatron_muon.sweep", "report", "--store", store, "--brute-store", brute,
         "--out", str(out / "telescope_report"))
     run("-m", "megatron_muon.sweep", "economics", "--out", str(out / "telescope_economics.png"))

@@ -3,11 +3,14 @@
     python -m megatron_muon.sweep.trial --width 64 --lr 0.02 --wd 0.1 --optimizer muon \\
         --global-batch 16 --steps 200 --out result.json
 
-The data is a synthetic Markov language of known entropy (every token has `--branching` equally likely
-successors, so the best achievable loss is ln(branching)), drawn fresh for every step: the training loss of a
-step is measured on a batch the model has never seen, the paper's generalisation proxy (arXiv 2505.02222,
-footnote 3). The result holds that per-step curve as (tokens seen before the step, loss) pairs, a final loss on
-a fixed held-out set, the token count and the wall time of the training loop.
+The data (`--data`) is the embedded corpus by default: the Python standard library tokenized by
+megatron_muon.megatron.data (sentencepiece, built once and cached; or `--corpus PATH...`), cut into sequences of
+seq_length + 1 tokens that every step draws without repetition, with a fixed held-out set from the valid split.
+`--data markov` is a synthetic language of known entropy instead (every token has `--branching` equally likely
+successors, so the best achievable loss is ln(branching)). Either way every step sees a batch the model has
+never seen, so its training loss is the paper's "loss on fresh batches" (arXiv 2505.02222, footnote 3). The
+result holds that per-step curve as (tokens seen before the step, loss) pairs, a final loss on the held-out set,
+the token count and the wall time of the training loop.
 
 Width scales the model the way the paper's family does (Sec. 5.2): hidden = width, fixed head dimension so the
 head count grows with width, GQA with half as many K/V groups, gated MLP of 4 x width; depth, sequence length,
@@ -28,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HELD_OUT_SEQUENCES = 64
@@ -49,7 +53,63 @@ def sample_sequences(successors: torch.Tensor, count: int, length: int, gen: tor
     return tokens
 
 
-def shape_for_width(width: int, args):
+class MarkovData:
+    def __init__(self, args):
+        self.vocab_size = args.vocab
+        self.best_possible_loss = math.log(args.branching)
+        self._successors = markov_successors(args.vocab, args.branching, seed=args.data_seed)
+        self._length = args.seq_length + 1
+        self.held_out = sample_sequences(self._successors, HELD_OUT_SEQUENCES, self._length,
+                                         torch.Generator().manual_seed(args.data_seed + 1))
+        self._order = torch.Generator().manual_seed(args.data_seed + 2 + args.seed)
+
+    def batch(self, step: int, size: int) -> torch.Tensor:
+        return sample_sequences(self._successors, size, self._length, self._order)
+
+
+def token_windows(prefix: str, length: int) -> torch.Tensor:
+    """The documents of a Megatron indexed dataset, concatenated (each ends with EOD) and cut into rows of
+    `length` tokens; the tail that does not fill a row is dropped."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    stream = torch.from_numpy(np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64))
+    rows = stream.numel() // length
+    return stream[: rows * length].view(rows, length)
+
+
+class CorpusData:
+    """Sequences of the embedded (or given) corpus: step s takes the rows s*size .. (s+1)*size - 1 of one seeded
+    permutation of the train split's rows, so no sequence is seen twice."""
+
+    def __init__(self, args):
+        from megatron_muon.megatron.data import build_dataset
+
+        built = build_dataset(args.corpus or None, data_dir=args.data_dir, vocab_size=args.corpus_vocab_size,
+                              max_corpus_bytes=args.corpus_bytes, seq_length=args.seq_length, progress=False)
+        self.vocab_size = built.vocab_size
+        self.best_possible_loss = None
+        length = args.seq_length + 1
+        self._train = token_windows(built.train_prefix, length)
+        self._train = self._train[torch.randperm(len(self._train),
+                                                 generator=torch.Generator().manual_seed(args.data_seed + args.seed))]
+        valid = token_windows(built.valid_prefix, length)
+        if len(valid) < HELD_OUT_SEQUENCES:
+            raise SystemExit(f"the valid split of {built.corpus} has {len(valid)} sequences of {length} tokens; "
+                             f"the held-out set needs {HELD_OUT_SEQUENCES}: give a larger corpus")
+        picked = torch.randperm(len(valid), generator=torch.Generator().manual_seed(args.data_seed))
+        self.held_out = valid[picked[:HELD_OUT_SEQUENCES]]
+        needed = args.steps * args.global_batch
+        if needed > len(self._train):
+            raise SystemExit(f"{args.steps} steps of {args.global_batch} sequences need {needed} fresh sequences of "
+                             f"{length} tokens, but the train split of {built.corpus} has {len(self._train)}: "
+                             f"train fewer tokens or give a larger corpus")
+
+    def batch(self, step: int, size: int) -> torch.Tensor:
+        return self._train[step * size:(step + 1) * size]
+
+
+def shape_for_width(width: int, vocab_size: int, args):
     from megatron_muon.megatron.models import GPTShape
 
     if width % (2 * args.head_dim):
@@ -57,7 +117,7 @@ def shape_for_width(width: int, args):
     heads = width // args.head_dim
     return GPTShape(
         num_layers=args.layers, hidden_size=width, num_attention_heads=heads, num_query_groups=heads // 2,
-        ffn_hidden_size=4 * width, vocab_size=args.vocab, seq_length=args.seq_length,
+        ffn_hidden_size=4 * width, vocab_size=vocab_size, seq_length=args.seq_length,
     )
 
 
@@ -112,10 +172,8 @@ def train(args) -> dict:
     from megatron_muon.megatron.parallel import model_parallel
     from megatron_muon.muon import ADAMW_DEFAULTS, MuonWithAdamW
 
-    shape = shape_for_width(args.width, args)
-    successors = markov_successors(args.vocab, args.branching, seed=args.data_seed)
-    held_out = sample_sequences(successors, HELD_OUT_SEQUENCES, args.seq_length + 1,
-                                torch.Generator().manual_seed(args.data_seed + 1))
+    data = (CorpusData if args.data == "corpus" else MarkovData)(args)
+    shape = shape_for_width(args.width, data.vocab_size, args)
     # A file store, not a TCP port: trials started side by side cannot race for the same port.
     with tempfile.TemporaryDirectory() as rendezvous:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
@@ -136,12 +194,11 @@ def train(args) -> dict:
                     return model(tokens[:, :-1], positions, causal, labels=tokens[:, 1:]).float().mean()
 
                 tokens_per_step = args.global_batch * seq
-                data = torch.Generator().manual_seed(args.data_seed + 2 + args.seed)
                 curve = []
                 start = time.perf_counter()
                 for step in range(args.steps):
                     optimizer.zero_grad()
-                    loss = loss_on(sample_sequences(successors, args.global_batch, seq + 1, data))
+                    loss = loss_on(data.batch(step, args.global_batch))
                     loss.backward()
                     curve.append((step * tokens_per_step, float(loss)))
                     if not math.isfinite(curve[-1][1]):
@@ -153,7 +210,7 @@ def train(args) -> dict:
                 wall_s = time.perf_counter() - start
                 with torch.no_grad():
                     model.eval()
-                    final_loss = float(loss_on(held_out))
+                    final_loss = float(loss_on(data.held_out))
         finally:
             dist.destroy_process_group()
     return dict(
@@ -163,8 +220,8 @@ def train(args) -> dict:
         wall_s=wall_s,
         steps=len(curve),
         tokens_per_step=tokens_per_step,
-        best_possible_loss=math.log(args.branching),
-        config=vars(args) | {"out": str(args.out)},
+        best_possible_loss=data.best_possible_loss,
+        config={name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()},
     )
 
 
@@ -187,10 +244,15 @@ def parse_args(argv=None):
     parser.add_argument("--seq-length", type=int, default=32)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--branching", type=int, default=4)
+    parser.add_argument("--data", choices=("corpus", "markov"), default="corpus")
+    parser.add_argument("--corpus", nargs="+", help="corpus files or directories (default: the Python stdlib)")
+    parser.add_argument("--corpus-bytes", type=int, help="cap on the corpus (default: data.py's stdlib sample)")
+    parser.add_argument("--corpus-vocab-size", type=int, default=512, help="of the sentencepiece tokenizer built")
+    parser.add_argument("--data-dir", type=Path, help="dataset cache (default: $MEGATRON_MUON_DATA_DIR or ~/.cache)")
+    parser.add_argument("--vocab", type=int, default=256, help="markov: vocabulary size")
+    parser.add_argument("--branching", type=int, default=4, help="markov: successors per token")
     parser.add_argument("--seed", type=int, default=1234, help="model init and data order")
-    parser.add_argument("--data-seed", type=int, default=0, help="the language itself and the held-out set")
+    parser.add_argument("--data-seed", type=int, default=0, help="the held-out set (and the Markov language)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--mup-base-width", type=int, default=0,
                         help="muP base width N0 (LR and WD are the base model's); 0: standard parametrization")
