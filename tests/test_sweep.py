@@ -373,7 +373,9 @@ def test_report_and_brute_force_comparison(sweep_env):
     assert comparison["within_one_brute_cell"]
     # Planned cost: stage s has 16/4^s runs at (8 * 2^s / 32)^2 -> 1 + 1 + 1 final-run units vs 49 brute runs.
     assert comparison["telescope_cost_share"] == pytest.approx(3 / 49)
-    assert "Brute force at width 32" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Brute force at width 32" in report
+    assert fit["widths"] == 3 and "so the fit is no test of the law" in report  # 3 minima, 3 parameters
 
 
 def test_plan_and_economics_commands(tmp_path, capsys):

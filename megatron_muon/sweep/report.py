@@ -210,7 +210,8 @@ def _distribution_plot(path: Path, stages: list[dict], loss_cap: float | None) -
     if len(with_losses) >= 3:
         widths = [s["width"] for s in with_losses]
         f = power_law_fit(widths, [s["best_loss"] for s in with_losses])
-        fit = dict(A=f.A, alpha=f.alpha, E=f.E, r_squared=f.r_squared, alpha_at_bound=f.alpha_at_bound)
+        fit = dict(A=f.A, alpha=f.alpha, E=f.E, r_squared=f.r_squared, alpha_at_bound=f.alpha_at_bound,
+                   widths=len(widths))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     rng = np.random.default_rng(0)
     for i, s in enumerate(with_losses):
@@ -319,7 +320,9 @@ def _markdown(summary: dict, plan: TelescopePlan, names) -> str:
         lines += ["", f"Power law of the stage minima: L(d) = {fit['A']:.4g} / d^{fit['alpha']:.4f} + {fit['E']:.4f} "
                       f"(R² = {fit['r_squared']:.4f})"
                       + (": alpha is at the edge of its search range, the minima do not fall like a power law."
-                         if fit["alpha_at_bound"] else ".")]
+                         if fit["alpha_at_bound"] else ".")
+                      + (" Three widths determine the three parameters exactly, so the fit is no test of the law;"
+                         " that takes a fourth width." if fit["widths"] == 3 else "")]
     for b in summary["brute_force"]:
         lines += ["", f"Brute force at width {b['width']} ({b['points']}^{len(names)} = {b['runs']} runs, {b['finished']} "
                       f"finished): optimum "
