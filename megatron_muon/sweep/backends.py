@@ -50,9 +50,6 @@ class LocalBackend:
     # Local children die with the runner; a restarted runner cannot poll them, so it judges them by their files.
     adopts_jobs = False
 
-    def find_submitted(self, run_dirs: Sequence[str]) -> dict[str, str]:
-        return {}
-
     def __init__(self, parallel: int = 1, threads: int = 1):
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -85,6 +82,9 @@ class LocalBackend:
                 states[job_id] = ENDED
                 self._children.pop(job_id, None)
         return states
+
+    def find_submitted(self, run_dirs: Sequence[str]) -> dict[str, str]:
+        return {}
 
     def describe_end(self, job_id: str) -> str:
         return ""

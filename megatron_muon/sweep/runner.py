@@ -5,7 +5,8 @@ directory), then the backend starts the command, then the store records the job 
 ended, its result file decides done/diverged or a failed attempt. A runner killed between any two of these steps
 is picked up by the next one: trials marked running are harvested from their result file when it exists, adopted
 when the backend can still see the job (SLURM: by the recorded job id, or by the array's unique job name when the
-runner died before recording the id), and put back to pending otherwise (a local child dies with its runner). Finished trials are never launched again.
+runner died before recording the id), and put back to pending otherwise (a local child dies with its runner).
+Finished trials are never launched again.
 
 The telescope driver runs Algorithm 1 stage by stage: a stage's centre and its trials are fixed in the store in
 one transaction when the stage starts, so a resumed sweep runs exactly the grid it started with, and the next

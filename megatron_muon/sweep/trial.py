@@ -90,9 +90,9 @@ class CorpusData:
         self.vocab_size = built.vocab_size
         self.best_possible_loss = None
         length = args.seq_length + 1
-        self._train = token_windows(built.train_prefix, length)
-        self._train = self._train[torch.randperm(len(self._train),
-                                                 generator=torch.Generator().manual_seed(args.data_seed + args.seed))]
+        train = token_windows(built.train_prefix, length)
+        order = torch.Generator().manual_seed(args.data_seed + args.seed)
+        self._train = train[torch.randperm(len(train), generator=order)]
         valid = token_windows(built.valid_prefix, length)
         if len(valid) < HELD_OUT_SEQUENCES:
             raise SystemExit(f"the valid split of {built.corpus} has {len(valid)} sequences of {length} tokens; "
