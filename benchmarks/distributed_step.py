@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from megatron_muon.megatron.models import GPTShape  # noqa: E402  (torch only; megatron loads inside ranks)
+from megatron_muon.models.shapes import GPTShape  # noqa: E402  (torch only; megatron loads inside ranks)
 from megatron_muon.newton_schulz import newton_schulz_flops  # noqa: E402
 from megatron_muon.plan import LogicalMatrix, plan_orthogonalization  # noqa: E402
 
@@ -162,8 +162,8 @@ def counting():
 def _optimizer(name: str, ddp):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_muon.megatron.config import MuonOptimizerConfig
-    from megatron_muon.megatron.optimizer import build_muon_optimizer
+    from megatron_muon.integration.flags import MuonOptimizerConfig
+    from megatron_muon.integration.optimizer import build_muon_optimizer
 
     common = dict(
         lr=5e-3, weight_decay=0.1, bf16=True, clip_grad=1.0, adam_beta1=0.95, adam_beta2=0.95, adam_eps=1e-8,
@@ -187,10 +187,10 @@ def _run(name: str, tp: int, warmup: int, steps: int) -> dict:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.training.training import wrap_model_chunks_with_ddp
 
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.optimizer import step_stats
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward, synthetic_batches
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.optimizer import step_stats
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward, synthetic_batches
 
     with model_parallel(tensor_parallel=tp, seed=1234):
         model = build_gpt(SHAPE, torch.bfloat16)

@@ -36,7 +36,7 @@ PARAMETRIZATIONS = ("sp", "mup")
 
 
 def gpt_shape(width: int, args):
-    from megatron_muon.megatron.models import GPTShape
+    from megatron_muon.models.shapes import GPTShape
 
     heads = width // args.head_dim
     return GPTShape(
@@ -47,7 +47,7 @@ def gpt_shape(width: int, args):
 
 
 def batches(tokens: torch.Tensor, micro_batch: int):
-    from megatron_muon.megatron.steps import Batch
+    from megatron_muon.integration.training import Batch
 
     return [
         Batch(chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()) for chunk in tokens.split(micro_batch)
@@ -61,12 +61,12 @@ def train(parametrization: str, width: int, lr: float, data: dict, args) -> floa
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron_muon.megatron import mup
-    from megatron_muon.megatron.config import PAPER_ADAM_BETAS, MuonOptimizerConfig
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward
-    from megatron_muon.mup_rules import get_preset
+    from megatron_muon.integration import mup
+    from megatron_muon.integration.flags import PAPER_ADAM_BETAS, MuonOptimizerConfig
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward
+    from megatron_muon.mup.rules import get_preset
 
     shape = gpt_shape(width, args)
     base = args.widths[0]

@@ -1,7 +1,7 @@
 """`make demo`: Muon vs AdamW on real text, on CPU, in about ten minutes on two cores.
 
 1. Builds the embedded dataset on first use (the running interpreter's Python standard library, a sentencepiece
-   tokenizer, Megatron .bin/.idx; megatron_muon/megatron/data.py) and reuses it afterwards.
+   tokenizer, Megatron .bin/.idx; megatron_muon/data/corpus.py) and reuses it afterwards.
 2. Trains the `cpu-tiny` model (the paper's architecture at d_model 64) twice through `python -m megatron_muon.train`
    (megatron.training, one gloo rank): `--optimizer muon` and `--optimizer adam`, same tokens, same schedule, each
    at its own learning rate, with TensorBoard logs.
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from megatron_muon.batch_study import ema, tokens_to_loss
-    from megatron_muon.megatron.configs import get_model_config
-    from megatron_muon.megatron.data import build_dataset, default_data_dir
+    from megatron_muon.study.metrics import ema, tokens_to_loss
+    from megatron_muon.models.registry import get_model_config
+    from megatron_muon.data.corpus import build_dataset, default_data_dir
 
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)

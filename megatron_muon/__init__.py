@@ -10,8 +10,8 @@ from megatron_muon.newton_schulz import orthogonalize, polar_error
 
 def install() -> None:
     """Make megatron-core's get_megatron_optimizer build this plugin's Muon for optimizer="muon" (see
-    megatron_muon/megatron/install.py). Imports megatron, so it is a function, not an import side effect."""
-    from megatron_muon.megatron.install import install as _install
+    megatron_muon/integration/install.py). Imports megatron, so it is a function, not an import side effect."""
+    from megatron_muon.integration.install import install as _install
 
     _install()
 

@@ -38,7 +38,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from megatron_muon.megatron.configs import MODEL_CONFIGS, ModelConfig, get_model_config, parameter_count
+from megatron_muon.models.registry import MODEL_CONFIGS, ModelConfig, get_model_config, parameter_count
 
 GPUS_PER_NODE = 8
 H100_MEMORY_GIB = 79.6  # what an H100 80GB reports

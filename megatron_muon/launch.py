@@ -24,7 +24,7 @@ def prepare_process() -> bool:
     cuda = torch.cuda.is_available()
     megatron_muon.install()
     if not cuda:
-        from megatron_muon.megatron import cpu_shims
+        from megatron_muon.integration import cpu_shims
 
         cpu_shims.apply()
     if "RANK" not in os.environ:

@@ -7,7 +7,7 @@ to an H100 cluster, with the same command.
 
 Every megatron.training flag is accepted (later flags win), plus:
 
-    --model-config NAME   a named model of megatron_muon/megatron/configs.py (cpu-tiny, cpu-small, 0.07b ... 3.67b,
+    --model-config NAME   a named model of megatron_muon/models/registry.py (cpu-tiny, cpu-small, 0.07b ... 3.67b,
                           4b); its architecture flags come first, so explicit flags override them
     --corpus PATH ...     text / JSONL files or directories for the embedded data builder (default: the running
                           interpreter's Python standard library)
@@ -17,7 +17,7 @@ Every megatron.training flag is accepted (later flags win), plus:
                           ~/.cache/megatron-muon/data)
 
 Without --data-path / --train-data-path / --mock-data, the dataset is built from --corpus (or the standard
-library) on first use and reused afterwards (megatron_muon/megatron/data.py); on a cluster point --data-dir at a
+library) on first use and reused afterwards (megatron_muon/data/corpus.py); on a cluster point --data-dir at a
 node-local or shared directory. On a machine without CUDA, the CPU flags (gloo, local layer spec, CPU init, no
 fused kernels) are added before the user's and the CPU shims applied: the same megatron.training code runs.
 """
@@ -55,7 +55,7 @@ def _last_value(flags: list[str], flag: str) -> str | None:
 
 def megatron_flags(argv: list[str], cuda: bool) -> list[str]:
     """The full megatron.training command line: CPU flags, the model config's, the data's, then the user's."""
-    from megatron_muon.megatron.configs import get_model_config
+    from megatron_muon.models.registry import get_model_config
 
     plugin, user = _plugin_parser().parse_known_args(argv)
     flags = [] if cuda else list(CPU_FLAGS)
@@ -74,7 +74,7 @@ def megatron_flags(argv: list[str], cuda: bool) -> list[str]:
 
 def _embedded_data_flags(plugin: argparse.Namespace, seq_length: str | None) -> list[str]:
     """Build (or reuse) the dataset; the ranks of a node take turns on a lock, so only the first one builds."""
-    from megatron_muon.megatron.data import DataError, build_dataset, default_data_dir
+    from megatron_muon.data.corpus import DataError, build_dataset, default_data_dir
 
     data_dir = plugin.data_dir or str(default_data_dir())
     os.makedirs(data_dir, exist_ok=True)

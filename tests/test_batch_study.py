@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from megatron_muon.batch_study import (
+from megatron_muon.study.metrics import (
     DeviceRule,
     LossCurve,
     auto_thresholds,

@@ -30,14 +30,14 @@ TOLERANCE = 1e-6
 
 
 def _model_shape():
-    from megatron_muon.megatron.models import TINY
+    from megatron_muon.models.shapes import TINY
 
     # Four K/V groups (8 query heads, still GQA) so the checkpoint can also resume under TP=4.
     return dataclasses.replace(TINY, num_attention_heads=8, num_query_groups=4)
 
 
 def _global_batch_slice(shape, step: int, dp_rank: int, dp_size: int):
-    from megatron_muon.megatron.steps import synthetic_batches
+    from megatron_muon.integration.training import synthetic_batches
 
     batches = synthetic_batches(shape, micro_batch=1, count=GLOBAL_MICRO_BATCHES, seed=1000 + step)
     per_rank = GLOBAL_MICRO_BATCHES // dp_size
@@ -62,10 +62,10 @@ def _run(tp: int, pp: int, ckpt_dir: str, resume: bool, distributed: bool = True
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.optimizer import build_muon_optimizer
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.optimizer import build_muon_optimizer
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward
 
     out = {}
     shape = _model_shape()
@@ -173,12 +173,13 @@ def _load_adam_into_muon(ckpt_dir: str, distributed: bool) -> str:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.megatron.models import TINY, build_gpt
-    from megatron_muon.megatron.optimizer import build_muon_optimizer
+    from megatron_muon.models.shapes import TINY
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.optimizer import build_muon_optimizer
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward
 
     multiprocessing.current_process()._config["daemon"] = False
     config = _optimizer_config(torch.float32, distributed)
@@ -218,10 +219,11 @@ def _load_muon_into_adam(ckpt_dir: str, distributed: bool) -> str:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.megatron.models import TINY, build_gpt
-    from megatron_muon.megatron.optimizer import build_muon_optimizer
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward
+    from megatron_muon.models.shapes import TINY
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.optimizer import build_muon_optimizer
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward
 
     multiprocessing.current_process()._config["daemon"] = False
     config = _optimizer_config(torch.float32, distributed)

@@ -13,7 +13,7 @@ import pytest
 
 from megatron_muon import cluster
 from megatron_muon.cluster import GIB, Layout, LayoutError, choose_layout, estimate_memory, parse_tokens, plan_run
-from megatron_muon.megatron.configs import get_model_config
+from megatron_muon.models.registry import get_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 M = 2**20
@@ -154,7 +154,7 @@ def test_planned_flags_are_megatron_flags(optimizer):
     """Every planned flag exists in megatron.training (with the plugin's flags) and parses to the plan."""
     from megatron.training.arguments import add_megatron_arguments
 
-    from megatron_muon.megatron.config import add_muon_arguments
+    from megatron_muon.integration.flags import add_muon_arguments
 
     plan = plan_run("3.67b", optimizer, nodes=16, batch_tokens=8 * M, lr=2e-3, wandb_project="p")
     train = plan.command[plan.command.index("megatron_muon.train") + 1 :]

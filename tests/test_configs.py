@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from megatron_muon.megatron.configs import (
+from megatron_muon.models.registry import (
     MODEL_CONFIGS,
     MUP_WIDTH_FAMILY,
     PAPER_VOCAB_SIZE,
@@ -15,7 +15,7 @@ from megatron_muon.megatron.configs import (
     paper_shape,
     parameter_count,
 )
-from megatron_muon.megatron.models import TINY, architecture_kwargs
+from megatron_muon.models.shapes import TINY, architecture_kwargs
 from megatron_muon.testing.ranks import run_ranks
 
 # Sec. 3.4 prints each size to two decimals; the analytic count must round to it. Exact counts recorded here
@@ -85,8 +85,8 @@ PARSED_CONFIGS = ["cpu-small", "3.67b"]
 def _in_megatron(shapes, flag_sets):
     """One process for everything that needs megatron.training's global state: parameter counts of built
     models and TransformerConfigs parsed from flags."""
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.parallel_state import model_parallel
 
     with model_parallel():
         counts = [sum(p.numel() for p in build_gpt(shape).parameters()) for shape in shapes]
@@ -144,8 +144,8 @@ def test_megatron_flags_parse_back_to_the_transformer_config_kwargs(name, megatr
 
 
 def test_cpu_configs_match_the_embedded_corpus_vocabulary():
-    from megatron_muon.megatron.configs import CPU_VOCAB_SIZE
-    from megatron_muon.megatron.data import DEFAULT_VOCAB_SIZE
+    from megatron_muon.models.registry import CPU_VOCAB_SIZE
+    from megatron_muon.data.corpus import DEFAULT_VOCAB_SIZE
 
     assert get_model_config("cpu-tiny").shape.vocab_size == CPU_VOCAB_SIZE == DEFAULT_VOCAB_SIZE
 

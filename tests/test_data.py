@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_muon.megatron import data
-from megatron_muon.megatron.data import DataError, build_dataset
+from megatron_muon.data import corpus as data
+from megatron_muon.data.corpus import DataError, build_dataset
 
 VOCAB = 400  # the smallest a tiny corpus trains to comfortably (byte fallback alone takes 259)
 

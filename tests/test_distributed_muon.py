@@ -53,7 +53,7 @@ def _global_name(module, name: str) -> str:
 
 def _logical_pieces(module, tp_rank: int, tp_size: int) -> list:
     """This rank's parameters as (global name, row0, col0, values) pieces of the TP=1 parameters."""
-    from megatron_muon.megatron.layouts import LayoutOptions, matrix_blocks
+    from megatron_muon.integration.layouts import LayoutOptions, matrix_blocks
 
     pieces = []
     for name, p in module.named_parameters():
@@ -81,7 +81,7 @@ def _global_tensor(global_name: str, shape, seed: int, kind: str) -> torch.Tenso
 
 def _write_global(module, tp_rank: int, tp_size: int, seed: int, kind: str) -> None:
     """Write this rank's shard of a name-seeded TP=1 tensor into every parameter (`data`) or its `main_grad`."""
-    from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
+    from megatron_muon.integration.layouts import LayoutOptions, logical_shapes, matrix_blocks
 
     for name, p in module.named_parameters():
         target = p.main_grad if kind == "grad" else p.data
@@ -101,20 +101,20 @@ def _write_global(module, tp_rank: int, tp_size: int, seed: int, kind: str) -> N
 
 
 def _shape(name: str):
-    from megatron_muon.megatron.models import TINY
+    from megatron_muon.models.shapes import TINY
 
     # MoE: 4 experts, top-2 routing, in place of the gated MLP.
     return TINY if name == "tiny" else dataclasses.replace(TINY, num_experts=4)
 
 
 def _batches(shape, dp_rank: int, step: int):
-    from megatron_muon.megatron.steps import synthetic_batches
+    from megatron_muon.integration.training import synthetic_batches
 
     return synthetic_batches(shape, micro_batch=2, count=MICRO_BATCHES, seed=100 * step + dp_rank)
 
 
 def _optimizer_config(dtype, distributed: bool):
-    from megatron_muon.megatron.config import MuonOptimizerConfig
+    from megatron_muon.integration.flags import MuonOptimizerConfig
 
     return MuonOptimizerConfig(
         optimizer="muon", muon_ns_precision="fp32", lr=LR, weight_decay=WD, bf16=dtype == torch.bfloat16, use_distributed_optimizer=distributed,
@@ -130,10 +130,10 @@ def _distributed_runs(tp: int, pp: int, configs=CONFIGS, steps: int = STEPS, sha
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.optimizer import build_muon_optimizer, step_stats
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.optimizer import build_muon_optimizer, step_stats
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward
 
     shape = _shape(shape_name)
     results = []
@@ -192,10 +192,10 @@ def _reference_runs(dp_sizes, synthetic: bool, steps: int = STEPS, shape_name="t
     """Single process, TP=PP=DP=1: the logical model trained with the foundation's single-device optimizers."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward
+    from megatron_muon.integration.layouts import LayoutOptions, logical_shapes, matrix_blocks
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward
     from megatron_muon.muon import Muon, is_muon_matrix
 
     shape = _shape(shape_name)

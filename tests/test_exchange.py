@@ -42,7 +42,7 @@ def _toy_muon(tp: int, dp: int, precision: str, steps: int) -> dict:
     """World = tp x dp ranks (tp fastest); each DP rank owns a flat 1/dp range of its TP shard."""
     import torch.distributed as dist
 
-    from megatron_muon.runtime.distributed_muon import DistributedMuonStep, Holding, MuonAndAdam, MuonSettings
+    from megatron_muon.runtime.distributed_muon import DistributedMuonStep, Holding, ShardedMuonAdamW, MuonSettings
 
     rank = dist.get_rank()
     tp_rank, dp_rank = rank % tp, rank // tp
@@ -63,7 +63,7 @@ def _toy_muon(tp: int, dp: int, precision: str, steps: int) -> dict:
     local = init if tp == 1 else None
     full_local = torch.cat([init["a"], init["b"]]) if tp == 1 else _local_tensor(init, tp_rank)
     param = torch.nn.Parameter(full_local.reshape(-1)[start:end].clone())
-    opt = MuonAndAdam([dict(params=[param], use_muon=True)], settings, lr=0.1, weight_decay=0.01)
+    opt = ShardedMuonAdamW([dict(params=[param], use_muon=True)], settings, lr=0.1, weight_decay=0.01)
     opt.bind(step_fn, {param: ("w", start, COLS)})
     for step in range(steps):
         grads = _full_gradients(step)

@@ -20,9 +20,10 @@ def _train_tiny_gpt(tp: int, pp: int, dtype_name: str, distributed_optimizer: bo
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_muon.megatron.models import TINY, build_gpt
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward, synthetic_batches
+    from megatron_muon.models.shapes import TINY
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward, synthetic_batches
 
     dtype = getattr(torch, dtype_name)
     with model_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=1234):

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
-from megatron_muon.megatron.models import TINY, GPTShape
+from megatron_muon.integration.layouts import LayoutOptions, logical_shapes, matrix_blocks
+from megatron_muon.models.shapes import TINY, GPTShape
 from megatron_muon.testing.ranks import run_ranks
 
 SEED = 1234
@@ -45,8 +45,8 @@ def _layouts_under_tp1_and_tp2() -> dict:
     """Per model and TP degree: this rank's scattered logical matrices and layer 0's Q/K/V and MLP outputs."""
     from megatron.core import parallel_state
 
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.parallel_state import model_parallel
 
     out = {}
     for tp in (1, 2):  # TP=1 runs as two identical DP replicas, so one spawn serves both degrees

@@ -15,8 +15,9 @@ def _build(kind: str, distributed: bool, dtype=torch.float32, **config):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     import megatron_muon
-    from megatron_muon.megatron.config import MuonOptimizerConfig
-    from megatron_muon.megatron.models import TINY, build_gpt
+    from megatron_muon.integration.flags import MuonOptimizerConfig
+    from megatron_muon.models.shapes import TINY
+    from megatron_muon.integration.gpt import build_gpt
 
     megatron_muon.install()
     model = build_gpt(TINY, dtype)
@@ -34,8 +35,8 @@ def _grads(ddp, step: int = 0):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_muon.megatron.models import TINY
-    from megatron_muon.megatron.steps import forward_backward, synthetic_batches
+    from megatron_muon.models.shapes import TINY
+    from megatron_muon.integration.training import forward_backward, synthetic_batches
 
     ddp.zero_grad_buffer()
     forward_backward([ddp], synthetic_batches(TINY, 2, 2, seed=10 * step + ps.get_data_parallel_rank()), TINY)
@@ -45,8 +46,8 @@ def _grads(ddp, step: int = 0):
 def _semantics(distributed: bool) -> dict:
     from megatron.core import parallel_state as ps
 
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.runtime.distributed_muon import MuonAndAdam
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.runtime.distributed_muon import ShardedMuonAdamW
 
     out = {}
     with model_parallel(seed=7):
@@ -56,7 +57,7 @@ def _semantics(distributed: bool) -> dict:
     with model_parallel(seed=7):
         ddp, muon = _build("muon", distributed, muon_ns_precision="fp32")
         inner = muon.chained_optimizers[0].optimizer
-        out["routed_to_plugin"] = isinstance(inner, MuonAndAdam)
+        out["routed_to_plugin"] = isinstance(inner, ShardedMuonAdamW)
         _grads(ddp)
         out["muon_step"] = muon.step()
         # Megatron's wrappers read one common `step` from the inner state (checkpoint metadata).
@@ -123,7 +124,7 @@ def test_megatron_semantics(distributed):
         assert r["inner_steps"] == [1.0] and r["state_dict_groups"] > 0
         assert r["nan_step"] == (False, None, None)
         assert r["params_unchanged"] and r["main_unchanged"] and r["state_unchanged"]
-        assert "MuonAndAdam" not in r["nvidia_inner"]
+        assert "ShardedMuonAdamW" not in r["nvidia_inner"]
         for use_muon, lr, wd, wd_mult, numel in r["scheduled_groups"]:
             assert lr == pytest.approx(1e-3 * 2 / 4)  # each group's max_lr (= config.lr), warmup step 2 of 4
             assert wd == pytest.approx(0.1 * wd_mult)
@@ -140,7 +141,7 @@ def test_megatron_semantics(distributed):
 
 # --- configuration errors, before any model work ------------------------------------------------------------------
 def _config(**overrides):
-    from megatron_muon.megatron.config import MuonOptimizerConfig
+    from megatron_muon.integration.flags import MuonOptimizerConfig
 
     return MuonOptimizerConfig(optimizer="muon", **overrides)
 
@@ -158,14 +159,14 @@ def _config(**overrides):
     ],
 )
 def test_bad_configuration_names_the_flag(overrides, flag):
-    from megatron_muon.megatron.config import validate_muon_config
+    from megatron_muon.integration.flags import validate_muon_config
 
     with pytest.raises(ValueError, match=flag):
         validate_muon_config(_config(**overrides))
 
 
 def test_fp8_without_an_fp8_gemm_names_the_flag(monkeypatch):
-    from megatron_muon.megatron.config import validate_muon_config
+    from megatron_muon.integration.flags import validate_muon_config
 
     monkeypatch.delattr(torch, "_scaled_mm")
     with pytest.raises(RuntimeError, match="--muon-ns-precision fp8"):
@@ -181,7 +182,7 @@ def _parse(monkeypatch, *flags):
     megatron_muon.install()
     monkeypatch.setattr(sys, "argv", ["train.py", *flags])
     args = arguments.parse_args()
-    from megatron_muon.megatron.config import resolve_adam_betas
+    from megatron_muon.integration.flags import resolve_adam_betas
 
     resolve_adam_betas(args)
     return args

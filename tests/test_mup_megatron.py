@@ -1,4 +1,4 @@
-"""muP on Megatron's GPT (`megatron_muon/megatron/mup.py`): rules per logical matrix, init, param groups, flags.
+"""muP on Megatron's GPT (`megatron_muon/integration/mup.py`): rules per logical matrix, init, param groups, flags.
 
 The target model has hidden 128, 8 query heads in 4 K/V groups of head dim 16 and a gated MLP of 256; the base
 (proxy) has hidden 64. Hand-derived values (essential preset, r = 2 for every width unless said otherwise):
@@ -24,7 +24,7 @@ SQRT_HALF = 1 / math.sqrt(2)
 
 
 def _target(**changes):
-    from megatron_muon.megatron.models import TINY
+    from megatron_muon.models.shapes import TINY
 
     return dataclasses.replace(
         TINY, hidden_size=128, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=256, **changes
@@ -33,8 +33,8 @@ def _target(**changes):
 
 def _build(shape, preset: str | None, base_hidden: int = 64, optimizer: str = "muon", **base):
     """The model under the current parallel state; with a preset, muP applied with a base of `base_hidden`."""
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.mup import MupSpec, apply_mup, base_widths, target_widths, transformer_config_fields
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.mup import MupSpec, apply_mup, base_widths, target_widths, transformer_config_fields
 
     if preset is None:
         return build_gpt(shape, torch.float32), None
@@ -46,7 +46,7 @@ def _build(shape, preset: str | None, base_hidden: int = 64, optimizer: str = "m
 
 def _block_std(model, role_suffix: str, layer: int = 0) -> float:
     """Std of one logical matrix of layer `layer` (TP=1): q/k/v rows of linear_qkv, gate/up of fc1, proj, down."""
-    from megatron_muon.megatron.layouts import LayoutOptions, matrix_blocks
+    from megatron_muon.integration.layouts import LayoutOptions, matrix_blocks
 
     names = {"q": "self_attention.linear_qkv", "k": "self_attention.linear_qkv", "v": "self_attention.linear_qkv",
              "proj": "self_attention.linear_proj", "gate": "mlp.linear_fc1", "up": "mlp.linear_fc1",
@@ -67,7 +67,7 @@ def _block_std(model, role_suffix: str, layer: int = 0) -> float:
 
 def _rules_and_stds(tie: bool):
     """Per-parameter rules of the target, and the init std of each logical matrix for SP (base init) and muP."""
-    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.integration.parallel_state import model_parallel
 
     roles = ["embedding", "q", "k", "v", "proj", "gate", "up", "down"] + ([] if tie else ["output"])
     out = {}
@@ -139,7 +139,7 @@ def test_untied_head_is_an_output_readout():
 def _init_pieces(tp: int, preset: str):
     from megatron.core import parallel_state as ps
 
-    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.integration.parallel_state import model_parallel
 
     with model_parallel(tensor_parallel=tp, seed=11):
         model, rules = _build(_target(), preset)
@@ -167,9 +167,9 @@ def _param_groups(optimizer_name: str, preset: str):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.megatron.config import MuonOptimizerConfig
-    from megatron_muon.megatron.optimizer import _main_param_ranges
-    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.integration.flags import MuonOptimizerConfig
+    from megatron_muon.integration.optimizer import _main_param_ranges
+    from megatron_muon.integration.parallel_state import model_parallel
 
     with model_parallel(tensor_parallel=1, seed=3):
         model, rules = _build(_target(tie_embeddings=False), preset, optimizer="muon" if optimizer_name == "muon" else "adam")
@@ -206,9 +206,9 @@ def test_param_groups_carry_the_rules(optimizer_name, preset):
 
 
 def _apply_twice_and_mismatch():
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.mup import MupSpec, apply_mup, base_widths, target_widths
-    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.mup import MupSpec, apply_mup, base_widths, target_widths
+    from megatron_muon.integration.parallel_state import model_parallel
 
     errors = []
     with model_parallel(tensor_parallel=1, seed=3):
@@ -240,7 +240,7 @@ def _args(**changes) -> argparse.Namespace:
 
 
 def test_flags_resolve_to_megatron_fields():
-    from megatron_muon.megatron.config import resolve_mup_args
+    from megatron_muon.integration.flags import resolve_mup_args
 
     args = _args()
     resolve_mup_args(args)  # --optimizer muon with --use-mup: the paper's preset
@@ -265,7 +265,7 @@ def test_flags_resolve_to_megatron_fields():
     (dict(mup_base_head_dim=12.5), "--mup-base-head-dim 12.5 must be an integer"),
 ])
 def test_bad_mup_flags_fail_naming_the_flag(changes, message):
-    from megatron_muon.megatron.config import resolve_mup_args
+    from megatron_muon.integration.flags import resolve_mup_args
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         resolve_mup_args(_args(**changes))

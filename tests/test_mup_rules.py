@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from megatron_muon.muon import SCALE_MODES
-from megatron_muon.mup_rules import (
+from megatron_muon.mup.rules import (
     PRESETS,
     ROLES,
     VECTORS,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from megatron_muon.telescope import LogRange, argmin_point, economics, plan_telescope, points_at_stage
+from megatron_muon.sweep.telescope import LogRange, argmin_point, economics, plan_telescope, points_at_stage
 
 LR = LogRange("lr", 1e-3, 1e-1)
 WD = LogRange("wd", 1e-3, 1.0)

@@ -56,7 +56,7 @@ def test_corpus_batches_are_disjoint_rows_of_the_train_split(tmp_path):
     args = trial.parse_args(["--width", "32", "--lr", "0.02", "--steps", "50", "--global-batch", "8",
                              "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r.json"), *SMALL_STDLIB])
     data = trial.CorpusData(args)
-    from megatron_muon.megatron.data import build_dataset
+    from megatron_muon.data.corpus import build_dataset
 
     built = build_dataset(data_dir=tmp_path / "data", vocab_size=512, max_corpus_bytes=150000, progress=False)
     train_rows = trial.token_windows(built.train_prefix, 33)

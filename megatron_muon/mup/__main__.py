@@ -24,7 +24,7 @@ from megatron_muon.mup.coord_check import (
     spread_table,
     write_csv,
 )
-from megatron_muon.mup_rules import PRESETS
+from megatron_muon.mup.rules import PRESETS
 
 
 def _add_coord_check(subparsers) -> None:

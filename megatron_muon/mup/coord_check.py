@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_muon.megatron.models import GPTShape
-from megatron_muon.mup_rules import get_preset
+from megatron_muon.models.shapes import GPTShape
+from megatron_muon.mup.rules import get_preset
 
 PARAMETRIZATIONS = ("sp", "mup")
 OPTIMIZERS = ("muon", "adamw")
@@ -192,7 +192,7 @@ def _rows_by_matrix(name: str, weight: torch.Tensor, config) -> dict[str, torch.
 
     A linear layer's output channel i is its weight's row i, so the same indices split the layer's output.
     """
-    from megatron_muon.megatron.layouts import LayoutOptions, matrix_blocks
+    from megatron_muon.integration.layouts import LayoutOptions, matrix_blocks
 
     pieces = defaultdict(list)
     for block in matrix_blocks(name, weight, config, 0, 1, LayoutOptions(split_qkv=True, split_glu=True)):
@@ -283,7 +283,7 @@ def _first(output):
 
 
 def _optimizer_config(config: CoordCheckConfig, parametrization: str):
-    from megatron_muon.megatron.config import PAPER_ADAM_BETAS, MuonOptimizerConfig
+    from megatron_muon.integration.flags import PAPER_ADAM_BETAS, MuonOptimizerConfig
 
     common = dict(
         lr=config.lr,
@@ -314,10 +314,10 @@ def measure_one(config: CoordCheckConfig, parametrization: str, width: int, seed
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     import megatron_muon
-    from megatron_muon.megatron import mup
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.parallel import model_parallel
-    from megatron_muon.megatron.steps import forward_backward, synthetic_batches
+    from megatron_muon.integration import mup
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import forward_backward, synthetic_batches
 
     megatron_muon.install()
     shape = config.shape(width)

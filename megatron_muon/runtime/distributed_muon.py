@@ -10,7 +10,7 @@ group at once:
   3. homes orthogonalize their matrices in same-shape stacks and multiply by the logical shape's scale;
   4. a second all-to-all returns each owner its piece of the update: W <- W (1 - lr wd) - lr O.
 
-`MuonAndAdam` is a torch optimizer that runs this step on its Muon groups and AdamW on the others; it is meant
+`ShardedMuonAdamW` is a torch optimizer that runs this step on its Muon groups and AdamW on the others; it is meant
 to sit inside Megatron's optimizer wrappers (see megatron/optimizer.py), but nothing here imports Megatron.
 """
 
@@ -155,7 +155,7 @@ class DistributedMuonStep:
         return stats
 
 
-class MuonAndAdam(torch.optim.Optimizer):
+class ShardedMuonAdamW(torch.optim.Optimizer):
     """Muon on param groups with `use_muon`, AdamW (torch.optim.AdamW's formula) on the others.
 
     Constructed over model parameters; a wrapper that swaps in main params (Megatron's) calls `bind()` with the
@@ -173,7 +173,7 @@ class MuonAndAdam(torch.optim.Optimizer):
     ):
         for group in param_groups:
             if "use_muon" not in group:
-                raise ValueError("every MuonAndAdam param group needs a `use_muon` flag")
+                raise ValueError("every ShardedMuonAdamW param group needs a `use_muon` flag")
         # Groups without their own lr / weight_decay use these until a scheduler sets them (as in Megatron); a
         # group's own `eps` (muP's per-parameter override) wins over adam_eps.
         super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay))
@@ -212,7 +212,7 @@ class MuonAndAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         if self._routing is None:
-            raise RuntimeError("MuonAndAdam.step() before bind(): build it with build_muon_optimizer()")
+            raise RuntimeError("ShardedMuonAdamW.step() before bind(): build it with build_muon_optimizer()")
         self.init_state()
         directions, updates, owner_group = {}, {}, {}
         for group in self.param_groups:

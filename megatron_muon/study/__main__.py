@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_muon.batch_study import DEFAULT_EMA, DeviceRule
+from megatron_muon.study.metrics import DEFAULT_EMA, DeviceRule
 from megatron_muon.study.batch import (
     OPTIMIZERS,
     STUDY_TEMPLATE,

@@ -22,7 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from megatron_muon.batch_study import (  # noqa: E402
+from megatron_muon.study.metrics import (  # noqa: E402
     DEFAULT_EMA,
     DeviceRule,
     LossCurve,

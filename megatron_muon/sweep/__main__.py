@@ -29,7 +29,7 @@ from megatron_muon.sweep.runner import (
     run_telescope,
 )
 from megatron_muon.sweep.store import ResultStore, StoreError
-from megatron_muon.telescope import LogRange
+from megatron_muon.sweep.telescope import LogRange
 
 DEFAULT_RANGES = ("lr=1e-3:1e-1", "wd=1e-3:1")
 

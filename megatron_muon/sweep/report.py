@@ -23,10 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from megatron_muon.batch_study import power_law_fit  # noqa: E402
+from megatron_muon.study.metrics import power_law_fit  # noqa: E402
 from megatron_muon.sweep.runner import TelescopeConfig  # noqa: E402
 from megatron_muon.sweep.store import ResultStore, Trial  # noqa: E402
-from megatron_muon.telescope import TelescopePlan, economics  # noqa: E402
+from megatron_muon.sweep.telescope import TelescopePlan, economics  # noqa: E402
 
 
 def format_plan(plan: TelescopePlan) -> str:

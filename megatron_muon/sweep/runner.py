@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from megatron_muon.batch_study import ema
+from megatron_muon.study.metrics import ema
 from megatron_muon.sweep.backends import ENDED, RUNNING, Launch, backend_of
 from megatron_muon.sweep.store import ResultStore, Trial, TrialSpec
-from megatron_muon.telescope import LogRange, Stage, TelescopePlan, argmin_point, plan_telescope
+from megatron_muon.sweep.telescope import LogRange, Stage, TelescopePlan, argmin_point, plan_telescope
 
 DEFAULT_TEMPLATE = (
     "{python} -m megatron_muon.sweep.trial --width {width} --lr {lr} --wd {wd} --optimizer {optimizer} "

@@ -4,7 +4,7 @@
         --global-batch 16 --steps 200 --out result.json
 
 The data (`--data`) is the embedded corpus by default: the Python standard library tokenized by
-megatron_muon.megatron.data (sentencepiece, built once and cached; or `--corpus PATH...`), cut into sequences of
+megatron_muon.data.corpus (sentencepiece, built once and cached; or `--corpus PATH...`), cut into sequences of
 seq_length + 1 tokens that every step draws without repetition, with a fixed held-out set from the valid split.
 `--data markov` is a synthetic language of known entropy instead (every token has `--branching` equally likely
 successors, so the best achievable loss is ln(branching)). Either way every step sees a batch the model has
@@ -15,7 +15,7 @@ the token count and the wall time of the training loop.
 Width scales the model the way the paper's family does (Sec. 5.2): hidden = width, fixed head dimension so the
 head count grows with width, GQA with half as many K/V groups, gated MLP of 4 x width; depth, sequence length,
 batch and steps stay fixed. With `--mup-base-width N0` the model is parametrized by muP relative to width N0
-(megatron_muon/megatron/mup.py, preset `--mup-preset`, the paper's `essential` by default): per-matrix init,
+(megatron_muon/integration/mup.py, preset `--mup-preset`, the paper's `essential` by default): per-matrix init,
 embedding and logit multipliers, and per-parameter LR / weight decay / Adam eps, so the swept LR and WD are the
 base model's and should transfer across widths. Without it (0) the model is in standard parametrization.
 """
@@ -83,7 +83,7 @@ class CorpusData:
     permutation of the train split's rows, so no sequence is seen twice."""
 
     def __init__(self, args):
-        from megatron_muon.megatron.data import build_dataset
+        from megatron_muon.data.corpus import build_dataset
 
         built = build_dataset(args.corpus or None, data_dir=args.data_dir, vocab_size=args.corpus_vocab_size,
                               max_corpus_bytes=args.corpus_bytes, seq_length=args.seq_length, progress=False)
@@ -110,7 +110,7 @@ class CorpusData:
 
 
 def shape_for_width(width: int, vocab_size: int, args):
-    from megatron_muon.megatron.models import GPTShape
+    from megatron_muon.models.shapes import GPTShape
 
     if width % (2 * args.head_dim):
         raise SystemExit(f"--width {width} must be a multiple of 2 x --head-dim = {2 * args.head_dim} (GQA pairs)")
@@ -153,8 +153,8 @@ def param_groups(model, args) -> list[dict]:
 
 def build_model(shape, args):
     """The GPT of `shape`, in muP relative to --mup-base-width when it is set."""
-    from megatron_muon.megatron.models import build_gpt
-    from megatron_muon.megatron.mup import MupSpec, apply_mup, base_widths, target_widths, transformer_config_fields
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.mup import MupSpec, apply_mup, base_widths, target_widths, transformer_config_fields
 
     if not args.mup_base_width:
         return build_gpt(shape)
@@ -169,7 +169,7 @@ def build_model(shape, args):
 def train(args) -> dict:
     import torch.distributed as dist
 
-    from megatron_muon.megatron.parallel import model_parallel
+    from megatron_muon.integration.parallel_state import model_parallel
     from megatron_muon.muon import ADAMW_DEFAULTS, MuonWithAdamW
 
     data = (CorpusData if args.data == "corpus" else MarkovData)(args)
@@ -256,7 +256,7 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--mup-base-width", type=int, default=0,
                         help="muP base width N0 (LR and WD are the base model's); 0: standard parametrization")
-    parser.add_argument("--mup-preset", default="essential", help="muP preset (megatron_muon.mup_rules.PRESETS)")
+    parser.add_argument("--mup-preset", default="essential", help="muP preset (megatron_muon.mup.rules.PRESETS)")
     parser.add_argument("--out", type=Path, required=True, help="result JSON, written atomically at the end")
     return parser.parse_args(argv)
 

@@ -481,10 +481,10 @@ def _progress(enabled: bool):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m megatron_muon.megatron.data [CORPUS ...] [options]: build (or find) a dataset, print its flags."""
+    """python -m megatron_muon.data [CORPUS ...] [options]: build (or find) a dataset, print its flags."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_muon.megatron.data", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m megatron_muon.data", description=main.__doc__)
     parser.add_argument("corpus", nargs="*", help="text / .jsonl files or directories (default: the Python stdlib)")
     parser.add_argument("--data-dir", default=None, help=f"cache directory (default: {default_data_dir()})")
     parser.add_argument("--tokenizer-model", default=None, help="an existing sentencepiece .model to use")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_muon.megatron.models import GPTShape
+from megatron_muon.models.shapes import GPTShape
 
 
 @dataclass

@@ -5,7 +5,7 @@
 `Float16OptimizerWithFloat16Params` (without; also for fp32 models). Megatron's wrapper keeps doing its job:
 fp32 main params (a DP shard each with the distributed optimizer, so optimizer memory falls ~1/DP), copying
 grads out of the DDP buffers, clipping and grad-norm reporting, zero counting, writing params back and
-all-gathering them over DP. Inside runs `MuonAndAdam` (runtime/distributed_muon.py). Checkpoints go through
+all-gathering them over DP. Inside runs `ShardedMuonAdamW` (runtime/distributed_muon.py). Checkpoints go through
 Megatron's `dist_checkpointing` (megatron/checkpoint.py): with the distributed optimizer the wrapper is
 `MuonDistributedOptimizer`, a `DistributedOptimizer` whose state hooks present the Muon momentum to Megatron's
 reshardable formats.
@@ -32,22 +32,22 @@ from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import get_pg_rank, log_single_rank
 
-from megatron_muon.megatron.checkpoint import (
+from megatron_muon.integration.checkpoint import (
     ADAM_GROUP,
     MUON_GROUP,
     MuonDistributedOptimizer,
     replicated_load_state_dict,
     replicated_sharded_state_dict,
 )
-from megatron_muon.megatron.config import MuonOptimizerConfig, validate_muon_config
-from megatron_muon.megatron.layouts import LayoutOptions, logical_shapes, matrix_blocks
-from megatron_muon.megatron.mup import mup_config_overrides
+from megatron_muon.integration.flags import MuonOptimizerConfig, validate_muon_config
+from megatron_muon.integration.layouts import LayoutOptions, logical_shapes, matrix_blocks
+from megatron_muon.integration.mup import mup_config_overrides
 from megatron_muon.muon import is_muon_matrix
 from megatron_muon.runtime.distributed_muon import (
     DistributedMuonStep,
     Holding,
     LocalWeight,
-    MuonAndAdam,
+    ShardedMuonAdamW,
     MuonSettings,
     StepStats,
 )
@@ -158,7 +158,7 @@ def build_muon_optimizer(
     settings = muon_settings(config)
     options = layout_options(config)
     overrides = get_standard_config_overrides(config) if config_overrides is None else config_overrides
-    # Parameters tagged by megatron_muon.megatron.mup.apply_mup carry their LR / WD / eps multipliers.
+    # Parameters tagged by megatron_muon.integration.mup.apply_mup carry their LR / WD / eps multipliers.
     overrides = {**overrides, **mup_config_overrides(config, model_chunks)}
     pgs = ProcessGroupCollection.setup_process_groups_for_optimizer(pg_collection, model_chunks, use_gloo_process_groups)
 
@@ -186,10 +186,10 @@ def build_muon_optimizer(
 
 
 def _wrap(config, domain: _Domain, groups, model_chunks, names, settings, options):
-    """MuonAndAdam over `groups`, inside the Megatron wrapper Adam would get, bound to its logical matrices."""
+    """ShardedMuonAdamW over `groups`, inside the Megatron wrapper Adam would get, bound to its logical matrices."""
     # Before the wrapper swaps main params into the (shared) group dicts.
     muon_model_params = {p for g in groups if g["use_muon"] for p in g["params"]}
-    inner = MuonAndAdam(
+    inner = ShardedMuonAdamW(
         groups, settings, config.lr, config.weight_decay, (config.adam_beta1, config.adam_beta2), config.adam_eps
     )
     scaler = ConstantGradScaler(config.loss_scale or 1.0)
@@ -223,7 +223,7 @@ def _wrap(config, domain: _Domain, groups, model_chunks, names, settings, option
 def step_stats(optimizer) -> list[StepStats]:
     """The last Muon step's traffic and Newton-Schulz FLOPs on this rank, per plugin optimizer in a chain."""
     chain = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [o.optimizer.last_step for o in chain if isinstance(getattr(o, "optimizer", None), MuonAndAdam)]
+    return [o.optimizer.last_step for o in chain if isinstance(getattr(o, "optimizer", None), ShardedMuonAdamW)]
 
 
 class _ReplicatedStateOptimizer(Float16OptimizerWithFloat16Params):

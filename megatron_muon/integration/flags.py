@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_muon.megatron.mup import DEFAULT_MUON_PRESET, base_widths, forward_multipliers
+from megatron_muon.integration.mup import DEFAULT_MUON_PRESET, base_widths, forward_multipliers
 from megatron_muon.muon import SCALE_ALIASES, SCALE_MODES, canonical_scale_mode
-from megatron_muon.mup_rules import PRESETS, ModelWidths, check_base_and_target
+from megatron_muon.mup.rules import PRESETS, ModelWidths, check_base_and_target
 from megatron_muon.newton_schulz import (
     COEFFICIENT_ALIASES,
     COEFFICIENT_SETS,

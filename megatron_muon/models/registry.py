@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, replace
 
-from megatron_muon.megatron.models import GPTShape, architecture_kwargs
+from megatron_muon.models.shapes import GPTShape, architecture_kwargs
 
 PAPER_VOCAB_SIZE = 128_256  # Llama 3's tokenizer, the paper's
 PAPER_SEQ_LENGTH = 8192
@@ -54,7 +54,7 @@ class ModelConfig:
 
     def transformer_config_kwargs(self) -> dict:
         """megatron-core TransformerConfig fields of this model; add parallel sizes and dtypes to build one (or
-        use megatron_muon.megatron.models.transformer_config(config.shape) under an initialized parallel state)."""
+        use megatron_muon.integration.gpt.transformer_config(config.shape) under an initialized parallel state)."""
         return architecture_kwargs(self.shape)
 
     def megatron_flags(self, transformer_impl: str | None = None) -> list[str]:
@@ -129,7 +129,7 @@ def paper_shape(hidden_size: int, num_layers: int = PAPER_NUM_LAYERS, head_dim: 
 
 def cpu_shape(hidden_size: int, num_layers: int, seq_length: int) -> GPTShape:
     """The same architecture scaled down to run on CPU: 32-dim heads, short sequences, and the vocabulary of
-    the embedded corpus's default tokenizer (megatron_muon.megatron.data.DEFAULT_VOCAB_SIZE)."""
+    the embedded corpus's default tokenizer (megatron_muon.data.corpus.DEFAULT_VOCAB_SIZE)."""
     return paper_shape(hidden_size, num_layers, head_dim=32, seq_length=seq_length, vocab_size=CPU_VOCAB_SIZE)
 
 

@@ -41,12 +41,12 @@ def install() -> None:
     def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
                                pg_collection=None, **kwargs):
         if config.optimizer == "muon":
-            from megatron_muon.megatron.optimizer import build_muon_optimizer
+            from megatron_muon.integration.optimizer import build_muon_optimizer
 
             return build_muon_optimizer(config, model_chunks, config_overrides, use_gloo_process_groups, pg_collection)
         if config.optimizer == "nvidia_muon":
             config = dataclasses.replace(config, optimizer="muon")
-        from megatron_muon.megatron.mup import mup_config_overrides
+        from megatron_muon.integration.mup import mup_config_overrides
 
         mup_overrides = mup_config_overrides(config, model_chunks)
         if mup_overrides:  # a muP preset with Megatron's own optimizers (the AdamW baseline)
@@ -66,14 +66,14 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
         training = importlib.import_module("megatron.training.training")
     except ImportError:
         return
-    from megatron_muon.megatron.config import (
+    from megatron_muon.integration.flags import (
         MuonOptimizerConfig,
         add_muon_arguments,
         mup_widths_from_args,
         resolve_adam_betas,
         resolve_mup_args,
     )
-    from megatron_muon.megatron.mup import MupSpec, apply_mup
+    from megatron_muon.integration.mup import MupSpec, apply_mup
 
     training.get_megatron_optimizer = get_megatron_optimizer
     training.OptimizerConfig = MuonOptimizerConfig

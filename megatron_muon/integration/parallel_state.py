@@ -37,7 +37,7 @@ def model_parallel(
             f"{tensor_parallel} x {pipeline_parallel}"
         )
     if on_cpu():
-        from megatron_muon.megatron import cpu_shims
+        from megatron_muon.integration import cpu_shims
 
         cpu_shims.apply()
     parallel_state.initialize_model_parallel(

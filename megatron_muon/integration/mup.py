@@ -1,4 +1,4 @@
-"""muP on a megatron-core GPT: the per-parameter rules of `megatron_muon.mup_rules`, through Megatron's own fields.
+"""muP on a megatron-core GPT: the per-parameter rules of `megatron_muon.mup.rules`, through Megatron's own fields.
 
 Megatron's `TransformerConfig` already carries muP: `use_mup` turns it on, `mup_base_hidden_size` names the proxy,
 `mup_embedding_mult` / `mup_output_mult` multiply the embedding output and the logits, `mup_base_head_dim` and
@@ -31,7 +31,7 @@ from fractions import Fraction
 
 import torch
 
-from megatron_muon.mup_rules import (
+from megatron_muon.mup.rules import (
     EMBEDDING,
     OUTPUT,
     ROUTER,
@@ -210,7 +210,7 @@ def apply_mup(model_chunks: list, spec: MupSpec) -> dict[str, ParamRule]:
     Call once, on the freshly built model (megatron.training does it through `install()`), before the optimizer
     is built: the optimizer copies main params and reads the tags. Returns name -> rule of this rank's params.
     """
-    from megatron_muon.megatron.layouts import LayoutOptions, matrix_blocks
+    from megatron_muon.integration.layouts import LayoutOptions, matrix_blocks
 
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     config = _unwrap(chunks[0]).config

@@ -70,7 +70,7 @@ def check_saved_groups(saved_groups: list[dict]) -> None:
 
 
 class MuonDistributedOptimizer(DistributedOptimizer):
-    """Megatron's DistributedOptimizer around `MuonAndAdam`, checkpointable in Megatron's reshardable formats."""
+    """Megatron's DistributedOptimizer around `ShardedMuonAdamW`, checkpointable in Megatron's reshardable formats."""
 
     #: model params (all of them, local shard or not) in Muon groups; set by build_muon_optimizer
     muon_model_params: set = frozenset()

@@ -1,0 +1,3 @@
+from megatron_muon.data.corpus import main
+
+main()
