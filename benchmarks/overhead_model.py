@@ -1,4 +1,4 @@
-"""How much of a training step Muon's optimizer step costs: the paper's 3.67B and the project's 4B target model,
+"""How much of a training step Muon's optimizer step costs: the registry's 3.67b (the paper's) and 4b models,
 1M-16M-token batches, 8-1024 H100s, from the orthogonalization plan's per-rank FLOPs and bytes.
 
 A cost model, not a measurement: every row says which of its rates were measured and which are datasheet
@@ -14,44 +14,13 @@ import sys
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from megatron_muon.models.registry import ModelConfig, get_model_config, parameter_count  # noqa: E402
+from megatron_muon.models.shapes import logical_matrices  # noqa: E402
 from megatron_muon.newton_schulz import orthogonalization_flops  # noqa: E402
 from megatron_muon.plan import LogicalMatrix, plan_orthogonalization  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    layers: int
-    d_model: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    seq: int
-    tied_embeddings: bool
-
-    def matrices(self) -> dict[str, tuple[int, int]]:
-        """Every hidden matrix Muon orthogonalizes on its own, as a torch weight [out, in] (gated MLP: gate, up)."""
-        q, kv, d, f = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.d_model, self.ffn
-        layer = dict(q=(q, d), k=(kv, d), v=(kv, d), proj=(d, q), gate=(f, d), up=(f, d), fc2=(d, f))
-        return {f"{i}.{n}": s for i in range(self.layers) for n, s in layer.items()}
-
-    @property
-    def params(self) -> int:
-        hidden = sum(r * c for r, c in self.matrices().values())
-        return hidden + self.vocab * self.d_model * (1 if self.tied_embeddings else 2)
-
-
-# The paper's final telescoping model (arXiv 2505.02222 Sec. 3: 34 layers, head dim 128, Hq 20, Hkv 10, d 2560,
-# d_mlp 10240; 3.67B with a tied 128,256-token Llama-3 embedding and a 3-matrix gated MLP, seq 8192).
-PAPER_3P67B = ModelShape("3.67B (paper)", 34, 2560, 20, 10, 128, 10240, 128256, 8192, True)
-# The paper does not publish its Sec. 2 4B shape; this is the project's 4B target (shared/research/anchors.md:
-# h 3072, 36 layers, 8 KV groups of head dim 128, SwiGLU ffn 8192), with the paper's vocabulary and sequence.
-TARGET_4B = ModelShape("4B (target)", 36, 3072, 24, 8, 128, 8192, 128256, 8192, False)
-MODELS = (PAPER_3P67B, TARGET_4B)
+MODELS = (get_model_config("3.67b"), get_model_config("4b"))
 
 
 @dataclass(frozen=True)
@@ -109,15 +78,17 @@ class Overhead:
     basis: str
 
 
-def train_flops(model: ModelShape, tokens: int) -> float:
+def train_flops(model: ModelConfig, tokens: int) -> float:
     """Forward + backward: 6 per parameter and token, plus causal attention's 12 L d_attn seq per token (the
     score and value products, counted in full as Megatron's MFU does); the embedding lookup is free, the tied head
-    is not (its GEMM is in 6 N through the embedding's parameters)."""
-    attention = 12 * model.layers * model.heads * model.head_dim * model.seq
-    return tokens * (6 * model.params + attention)
+    is not (its GEMM is in 6 N through the embedding's parameters). N is the registry's count, norms included
+    (6 FLOP per norm weight overstates their cost; they are 0.005% of N)."""
+    s = model.shape
+    attention = 12 * s.num_layers * s.num_attention_heads * s.head_dim * s.seq_length
+    return tokens * (6 * parameter_count(s) + attention)
 
 
-def muon_overhead(model: ModelShape, batch_tokens: int, gpus: int, rates: Rates, method: str = "standard",
+def muon_overhead(model: ModelConfig, batch_tokens: int, gpus: int, rates: Rates, method: str = "standard",
                   ns_steps: int = 5, coefficients: str = "jordan", wire_bytes: int = 2) -> Overhead:
     """One optimizer step against one training step, data parallel over `gpus` with DP-sharded Muon state.
 
@@ -127,7 +98,7 @@ def muon_overhead(model: ModelShape, batch_tokens: int, gpus: int, rates: Rates,
     then leave the node), while the slowest rank's NS runs at the NS rate. Nothing is overlapped: an upper
     estimate of Muon's share.
     """
-    shapes = model.matrices()
+    shapes = logical_matrices(model.shape)
     logical = [LogicalMatrix.sharded(n, r, c, range(gpus)) for n, (r, c) in shapes.items()]
     plan = plan_orthogonalization(logical, gpus, ns_steps, bytes_per_element=wire_bytes)
     per_rank = [0] * gpus
@@ -161,7 +132,7 @@ def main() -> None:
         for mtokens in args.batch_mtokens:
             tokens = mtokens * 2**20
             for gpus in args.gpus:
-                if tokens < gpus * model.seq:  # fewer sequences than GPUs: not a data-parallel layout
+                if tokens < gpus * model.shape.seq_length:  # fewer sequences than GPUs: not a data-parallel layout
                     continue
                 for method in args.methods:
                     o = muon_overhead(model, tokens, gpus, rates, method)
@@ -170,7 +141,7 @@ def main() -> None:
                           f"{o.exchange_ms:>8.2f} {100 * o.muon_share:>6.2f}%")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(status="projected (cost model; see basis per row)", rates=asdict(rates),
-                models=[asdict(m) | dict(params=m.params) for m in MODELS])
+                models=[dict(name=m.name, **asdict(m.shape), params=m.parameter_count()) for m in MODELS])
     args.json.write_text(json.dumps(dict(metadata=meta, rows=rows), indent=2) + "\n")
     print(f"wrote {args.json}")
 

@@ -39,6 +39,7 @@ import sys
 from dataclasses import dataclass
 
 from megatron_muon.models.registry import MODEL_CONFIGS, ModelConfig, get_model_config, parameter_count
+from megatron_muon.models.shapes import matrix_shapes
 
 GPUS_PER_NODE = 8
 H100_MEMORY_GIB = 79.6  # what an H100 80GB reports
@@ -110,13 +111,12 @@ def estimate_memory(config: ModelConfig, layout: Layout, optimizer: str) -> Memo
     embedding = s.vocab_size * s.hidden_size
     # With PP > 1 the first stage holds the embedding and the last a tied copy of it; with PP = 1 one copy.
     stage_params = (s.num_layers / pp * layer_params + embedding) / tp
-    # Everything in a layer but its norms is a Muon matrix.
-    stage_muon_params = s.num_layers / pp * (layer_params - 2 * s.hidden_size - 2 * config.head_dim)
+    matrices = matrix_shapes(s)
+    stage_muon_params = sum(m.rows * m.cols * m.count for m in matrices) / pp
     if optimizer == "muon":
         muon_params = stage_muon_params / tp
         state_bytes = 4 * stage_params + 4 * muon_params + 8 * (stage_params - muon_params)
-        largest_matrix = max(s.hidden_size * s.ffn_hidden_size,
-                             s.hidden_size * s.num_attention_heads * config.head_dim)
+        largest_matrix = max(m.rows * m.cols for m in matrices)
         # Each logical matrix is orthogonalized whole on one home rank of the stage's TP x DP group.
         homed = max(largest_matrix, stage_muon_params / (tp * dp))
         muon_workspace = (4 + 3 * 2) * homed
@@ -126,7 +126,7 @@ def estimate_memory(config: ModelConfig, layout: Layout, optimizer: str) -> Memo
     tokens = layout.micro_batch_size * s.seq_length
     # 1F1B: the first stage holds the activations of up to PP micro-batches, each through its L / PP layers.
     in_flight = min(pp, layout.micro_batches_per_step)
-    kv_width = s.num_query_groups * config.head_dim
+    kv_width = s.num_query_groups * s.head_dim
     per_token_layer = 2 * (7 * s.hidden_size + 3 * kv_width + 3 * s.ffn_hidden_size)
     return MemoryEstimate(
         weights=2 * stage_params,

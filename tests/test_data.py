@@ -4,6 +4,8 @@ default, Megatron's GPTDataset on the result, and every bad input failing clearl
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,23 @@ def test_command_line_prints_megatron_flags(corpus, tmp_path, capsys):
     assert "--train-data-path" in out and "--tokenizer-type GPTSentencePieceTokenizer" in out
     with pytest.raises(SystemExit, match="does not exist"):
         data.main([str(tmp_path / "missing")])
+
+
+def test_command_line_help_runs_without_megatron():
+    """`python -m megatron_muon.data --help` answers without importing Megatron: only writing the format and
+    reading it back (integration/datasets.py) need it."""
+    script = ("import runpy, sys\n"
+              "sys.argv = ['megatron_muon.data', '--help']\n"
+              "try:\n"
+              "    runpy.run_module('megatron_muon.data', run_name='__main__')\n"
+              "except SystemExit as done:\n"
+              "    assert done.code == 0, done.code\n"
+              "print('megatron imported:', 'megatron' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m megatron_muon.data")
+    assert result.stdout.rstrip().endswith("megatron imported: False")
 
 
 def _assert_no_dataset_left(data_dir: Path):

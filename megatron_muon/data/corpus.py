@@ -12,6 +12,8 @@ Documents are split train / valid at the document level by a seeded shuffle. A b
 tokenizer is trained on the train split (or an existing sentencepiece model is used), every document is
 encoded and ended with the tokenizer's EOS (Megatron's EOD), and each split is written with megatron.core's
 IndexedDatasetBuilder. Everything is deterministic: the same inputs and settings give byte-identical files.
+Megatron itself is only touched through `megatron_muon/integration/datasets.py`: the format written here, and the
+tokenizer and GPTDatasets that read it back.
 
 The result lives in `<data_dir>/<label>-<key>/` where the key hashes the inputs (paths, sizes, modification
 times; the tokenizer model's bytes) and every setting. It is built in a temporary sibling directory and moved
@@ -34,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+from megatron_muon.integration import datasets as megatron_datasets
 
 DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_STDLIB_BYTES = 8 * 2**20  # ~8 MiB of stdlib source (CPython 3.12 has ~11.6 MB outside its tests)
@@ -92,43 +94,24 @@ class BuiltData:
 
     def load_tokenizer(self):
         """megatron.core's tokenizer for this dataset (what --tokenizer-type/--tokenizer-model builds)."""
-        from megatron.core.tokenizers import MegatronTokenizer
-
-        return MegatronTokenizer.from_pretrained(
-            tokenizer_path=self.tokenizer_model, metadata_path={"library": "sentencepiece"}
-        )
+        return megatron_datasets.load_tokenizer(self.tokenizer_model)
 
     def gpt_dataset_config(self, seq_length: int, seed: int = DEFAULT_SEED, tokenizer=None, **overrides):
-        """A GPTDatasetConfig reading the train and valid prefixes as Megatron's per-split blends (no test split)."""
-        from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
+        """A megatron.core GPTDatasetConfig of the train and valid splits, its index cache in this dataset's
+        directory; refused before Megatron sees it when a split cannot fill one sequence."""
         self.check_sequence_length(seq_length)
-        fields = dict(
-            random_seed=seed,
-            sequence_length=seq_length,
-            blend_per_split=[([self.train_prefix], None), ([self.valid_prefix], None), None],
-            tokenizer=tokenizer if tokenizer is not None else self.load_tokenizer(),
-            reset_position_ids=False,
-            reset_attention_mask=False,
-            eod_mask_loss=False,
-            path_to_cache=os.path.join(self.directory, "gpt_dataset_cache"),
+        return megatron_datasets.gpt_dataset_config(
+            self.train_prefix, self.valid_prefix, os.path.join(self.directory, "gpt_dataset_cache"), seq_length, seed,
+            tokenizer if tokenizer is not None else self.load_tokenizer(), **overrides,
         )
-        fields.update(overrides)
-        return GPTDatasetConfig(**fields)
 
 
 def build_gpt_datasets(data: BuiltData, seq_length: int, train_samples: int, valid_samples: int,
                        seed: int = DEFAULT_SEED, tokenizer=None):
-    """(train, valid) megatron.core GPTDatasets of at least the given sample counts (epochs repeat as needed).
-    Call it on every rank: megatron.core builds the sample indices on rank 0 and the others read them."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
+    """(train, valid) megatron.core GPTDatasets of this build with at least the given sample counts
+    (`integration.datasets.build_gpt_datasets`: epochs repeat as needed; call it on every rank)."""
     config = data.gpt_dataset_config(seq_length, seed, tokenizer)
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
-    ).build()
-    return train, valid
+    return megatron_datasets.build_gpt_datasets(config, train_samples, valid_samples)
 
 
 def default_data_dir() -> Path:
@@ -422,18 +405,12 @@ def _cut(line: str, max_bytes: int) -> Iterator[str]:
 
 
 def _write_split(prefix: Path, documents: list[str], tokenizer, advance) -> int:
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path, get_idx_path
+    def encoded():
+        for document in documents:
+            yield tokenizer.encode(document) + [tokenizer.eos_id()]
+            advance()
 
-    dtype = DType.optimal_dtype(tokenizer.vocab_size())
-    builder = IndexedDatasetBuilder(get_bin_path(str(prefix)), dtype=dtype)
-    tokens = 0
-    for document in documents:
-        ids = tokenizer.encode(document) + [tokenizer.eos_id()]
-        builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-        tokens += len(ids)
-        advance()
-    builder.finalize(get_idx_path(str(prefix)))
-    return tokens
+    return megatron_datasets.write_indexed_dataset(prefix, encoded(), tokenizer.vocab_size())
 
 
 def _load_manifest(directory: Path) -> BuiltData | None:

@@ -1,2 +1,3 @@
-"""Model shapes, one registry: `shapes.py` (the architecture knobs as data) and `registry.py` (the paper's named
-models, the 4B, the CPU configs). Pure data: nothing here imports Megatron."""
+"""Model shapes, one registry: `shapes.py` (the architecture knobs as data, and the logical matrices Muon
+orthogonalizes) and `registry.py` (the paper's named models, the 4B, the CPU configs, the benchmarks' shapes).
+Pure data: nothing here imports Megatron."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, replace
 
-from megatron_muon.models.shapes import GPTShape, architecture_kwargs
+from megatron_muon.models.shapes import GPTShape, architecture_kwargs, matrix_shapes
 
 PAPER_VOCAB_SIZE = 128_256  # Llama 3's tokenizer, the paper's
 PAPER_SEQ_LENGTH = 8192
@@ -43,10 +43,6 @@ class ModelConfig:
     name: str
     shape: GPTShape
     paper_billions: float | None = None
-
-    @property
-    def head_dim(self) -> int:
-        return self.shape.kv_channels or self.shape.hidden_size // self.shape.num_attention_heads
 
     def parameter_count(self, vocab_size: int | None = None) -> int:
         """Trainable parameters (embeddings included), for this vocabulary or the config's own."""
@@ -69,7 +65,7 @@ class ModelConfig:
             "--num-attention-heads", str(s.num_attention_heads),
             "--group-query-attention",
             "--num-query-groups", str(s.num_query_groups),
-            "--kv-channels", str(self.head_dim),
+            "--kv-channels", str(s.head_dim),
             "--normalization", "RMSNorm",
             "--norm-epsilon", repr(s.norm_epsilon),
             "--disable-bias-linear",
@@ -92,16 +88,12 @@ class ModelConfig:
 
 def parameter_count(shape: GPTShape) -> int:
     """What `sum(p.numel())` gives for megatron-core's GPTModel of this shape built as one stage (a tied
-    output layer counted once). RoPE has no parameters; biases are off in every shape here."""
-    d, heads, groups = shape.hidden_size, shape.num_attention_heads, shape.num_query_groups
-    head_dim = shape.kv_channels or d // heads
-    attention = d * (heads + 2 * groups) * head_dim + heads * head_dim * d
-    mlp = (3 if shape.gated_linear_unit else 2) * d * shape.ffn_hidden_size
-    if shape.num_experts:
-        mlp = shape.num_experts * mlp + d * shape.num_experts  # experts plus the router
-    norms = 2 * d + (2 * head_dim if shape.qk_layernorm else 0)
-    embeddings = shape.vocab_size * d * (1 if shape.tie_embeddings else 2)
-    return shape.num_layers * (attention + mlp + norms) + d + embeddings
+    output layer counted once): the Muon matrices, two norms per layer (plus QK-norm), the final norm and the
+    embeddings. RoPE has no parameters; biases are off in every shape here."""
+    matrices = sum(m.rows * m.cols * m.count for m in matrix_shapes(shape))
+    norms = 2 * shape.hidden_size + (2 * shape.head_dim if shape.qk_layernorm else 0)
+    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_embeddings else 2)
+    return matrices + shape.num_layers * norms + shape.hidden_size + embeddings
 
 
 def paper_shape(hidden_size: int, num_layers: int = PAPER_NUM_LAYERS, head_dim: int = PAPER_HEAD_DIM,
@@ -147,6 +139,15 @@ def _registry() -> dict[str, ModelConfig]:
 
 MODEL_CONFIGS: dict[str, ModelConfig] = _registry()
 MUP_WIDTH_FAMILY: tuple[str, ...] = ("0.07b", "0.20b", "0.67b", "2.40b", "3.67b")
+
+# Shapes the CPU benchmarks measure, named so that a result file's model is one this registry rebuilds. Not
+# training configs: megatron-core's defaults (no QK-norm, head dim d / heads), no vocabulary of a real tokenizer.
+BENCHMARK_SHAPES: dict[str, GPTShape] = {
+    # benchmarks/distributed_step.py on 4 gloo ranks: 2 layers like TINY, but 4 KV heads (TINY has 2) so that
+    # TP=4 splits every head group.
+    "distributed-step": GPTShape(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4,
+                                 ffn_hidden_size=256),
+}
 
 
 def get_model_config(name: str) -> ModelConfig:
