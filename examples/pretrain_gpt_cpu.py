@@ -44,7 +44,9 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
     print_rank_0(f"building GPT model: {args.num_layers} layers, hidden {args.hidden_size}")
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization=args.normalization),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            args.num_experts, args.moe_grouped_gemm, args.qk_layernorm, normalization=args.normalization
+        ),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -89,8 +91,11 @@ def forward_step(data_iterator, model):
     return output_tensor, partial(loss_func, batch["loss_mask"])
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples):
-    """Mock GPT datasets (synthetic token streams) from megatron-core's dataset builder: no data files."""
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """Mock GPT datasets (synthetic token streams) from megatron-core's dataset builder: no data files.
+
+    megatron.training asks for one set per virtual pipeline stage (`vp_stage`) under
+    --num-layers-per-virtual-pipeline-stage; every stage reads the same mock stream."""
     args = get_args()
     config = GPTDatasetConfig(
         random_seed=args.seed,

@@ -35,6 +35,10 @@ CPU_FLAGS = [
     "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion",
     "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
 ]
+# megatron-core 0.19.2 defaults --eval-interval to None ("no evaluation during training") but then divides
+# --train-iters by it when sizing the validation set, so a run without the flag crashes after building the model.
+# Megatron's long-standing default keeps its meaning; an explicit flag wins (it comes later).
+RUN_DEFAULTS = ["--eval-interval", "1000"]
 _DATA_FLAGS = ("--data-path", "--train-data-path", "--mock-data", "--data-args-path", "--per-split-data-args-path")
 
 
@@ -58,7 +62,7 @@ def megatron_flags(argv: list[str], cuda: bool) -> list[str]:
     from megatron_muon.models.registry import get_model_config
 
     plugin, user = _plugin_parser().parse_known_args(argv)
-    flags = [] if cuda else list(CPU_FLAGS)
+    flags = list(RUN_DEFAULTS) + ([] if cuda else list(CPU_FLAGS))
     if plugin.model_config is not None:
         try:
             flags += get_model_config(plugin.model_config).megatron_flags(None if cuda else "local")
@@ -147,8 +151,11 @@ def forward_step(data_iterator, model):
     return output, partial(_loss, batch["loss_mask"])
 
 
-def datasets_provider(train_val_test_num_samples):
-    """GPT datasets from the --*-data-path prefixes (or mock data) through megatron.core's builder."""
+def datasets_provider(train_val_test_num_samples, vp_stage=None):
+    """GPT datasets from the --*-data-path prefixes (or mock data) through megatron.core's builder.
+
+    megatron.training calls it once per virtual pipeline stage (`vp_stage`) under
+    --num-layers-per-virtual-pipeline-stage; every rank builds the same datasets, so the stage changes nothing."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.training import get_args, get_tokenizer

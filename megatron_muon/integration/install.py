@@ -1,31 +1,40 @@
 """`megatron_muon.install()`: route `--optimizer muon` / `OptimizerConfig(optimizer="muon")` to this plugin.
 
-Hooks (megatron-core 0.19.2; each is a module attribute that Megatron looks up at call time):
+Before anything is patched, `compat.check_megatron` compares the installed megatron-core with the supported range
+and every symbol listed in `compat.py` (the one list of Megatron touch points); a mismatch raises naming the
+symbol and both versions.
 
+Hooks (megatron-core 0.19.2):
+
+- `megatron.core.optimizer._get_megatron_emerging_optimizer`: the point megatron-core's own
+  `get_megatron_optimizer` resolves at call time for every optimizer but adam / sgd. Routing `muon` here makes it
+  reach the plugin even through a `get_megatron_optimizer` that user code imported by name before `install()`.
 - `megatron.core.optimizer.get_megatron_optimizer` (and the copy `megatron.training.training` imported):
-  `optimizer == "muon"` builds `build_muon_optimizer`; `"nvidia_muon"` builds megatron-core's own Muon;
-  everything else is untouched.
+  `optimizer == "muon"` builds `build_muon_optimizer`; `"nvidia_muon"` builds megatron-core's own Muon; with a
+  muP preset, Megatron's own optimizers get the preset's param-group overrides; everything else is untouched.
 - `megatron.training.training.OptimizerConfig` -> `MuonOptimizerConfig`, so configs built from args carry the
   plugin's fields.
 - `megatron.training.arguments.add_megatron_arguments`: adds the plugin's flags and the paper's defaults.
-- `validate_args` (in `arguments` and the copy in `initialize`): Megatron rewrites `--use-distributed-optimizer`
-  to its layer-wise optimizer for any optimizer but adam / sgd; the plugin's Muon runs inside Megatron's
-  standard `DistributedOptimizer`, so it is validated as adam would be. Then the muP flags are resolved.
+- `megatron.training.arguments.validate_args`: Megatron rewrites `--use-distributed-optimizer` to its layer-wise
+  optimizer for any optimizer but adam / sgd; the plugin's Muon runs inside Megatron's standard
+  `DistributedOptimizer`, so it is validated as adam would be. Then the plugin's own checks run (flags that the
+  plugin's Muon cannot honour are refused here, before the model is built) and the muP flags are resolved.
 - `megatron.training.training.get_model`: with a muP preset, the built model gets the preset's per-matrix init
-  and its parameters their muP tags (`megatron/mup.py`); `get_mup_config_overrides` then yields nothing, since
+  and its parameters their muP tags (`integration/mup.py`); `get_mup_config_overrides` then yields nothing, since
   `get_megatron_optimizer` turns the tags into param-group overrides for any optimizer.
-
-Code that imported `get_megatron_optimizer` by name before `install()` keeps the original: call `install()`
-first (the launcher does), or call it through its module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
+import importlib.util
 
 _installed = False
+# Set while megatron-core builds its own Muon for optimizer="nvidia_muon" (which it knows as "muon").
+_building_nvidia_muon = False
 
 
 def install() -> None:
@@ -33,36 +42,92 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    from megatron_muon.integration.compat import check_megatron
+
+    check_megatron(include_training=importlib.util.find_spec("megatron.training") is not None)
     import megatron.core.optimizer as mcore_optimizer
 
     original = mcore_optimizer.get_megatron_optimizer
+    original_emerging = mcore_optimizer._get_megatron_emerging_optimizer
+
+    @functools.wraps(original_emerging)
+    def _get_megatron_emerging_optimizer(config, model_chunks, config_overrides=None, pg_collection=None):
+        if config.optimizer == "muon" and not _building_nvidia_muon:
+            from megatron_muon.integration.optimizer import build_muon_optimizer
+
+            return build_muon_optimizer(config, model_chunks, config_overrides, True, pg_collection)
+        return original_emerging(config, model_chunks, config_overrides, pg_collection)
 
     @functools.wraps(original)
     def get_megatron_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups=True,
-                               pg_collection=None, **kwargs):
+                               pg_collection=None, dump_param_to_param_group_map=None):
         if config.optimizer == "muon":
             from megatron_muon.integration.optimizer import build_muon_optimizer
 
+            if dump_param_to_param_group_map is not None:
+                raise ValueError("--dump-param-to-param-group-map is not supported with megatron-muon's --optimizer "
+                                 "muon (its param groups are the plugin's Muon / AdamW split); drop the flag")
             return build_muon_optimizer(config, model_chunks, config_overrides, use_gloo_process_groups, pg_collection)
-        if config.optimizer == "nvidia_muon":
-            config = dataclasses.replace(config, optimizer="muon")
         from megatron_muon.integration.mup import mup_config_overrides
 
         mup_overrides = mup_config_overrides(config, model_chunks)
         if mup_overrides:  # a muP preset with Megatron's own optimizers (the AdamW baseline)
             base = mcore_optimizer.get_standard_config_overrides(config) if config_overrides is None else config_overrides
             config_overrides = {**base, **mup_overrides}
-        return original(config, model_chunks, config_overrides, use_gloo_process_groups, pg_collection, **kwargs)
+        build = functools.partial(original, model_chunks=model_chunks, config_overrides=config_overrides,
+                                  use_gloo_process_groups=use_gloo_process_groups, pg_collection=pg_collection,
+                                  dump_param_to_param_group_map=dump_param_to_param_group_map)
+        if config.optimizer != "nvidia_muon":
+            return build(config)
+        with _nvidia_muon():
+            return build(dataclasses.replace(config, optimizer="muon"))
 
+    mcore_optimizer._get_megatron_emerging_optimizer = _get_megatron_emerging_optimizer
     mcore_optimizer.get_megatron_optimizer = get_megatron_optimizer
     _install_training_hooks(get_megatron_optimizer)
     _installed = True
 
 
+@contextlib.contextmanager
+def _nvidia_muon():
+    global _building_nvidia_muon
+    _building_nvidia_muon = True
+    try:
+        yield
+    finally:
+        _building_nvidia_muon = False
+
+
+def refuse_unsupported_args(args) -> None:
+    """Megatron features the plugin's Muon cannot run yet: refused at argument validation, naming the flag."""
+    if args.optimizer != "muon":
+        return
+    for flag, on in (("--use-torch-fsdp2", args.use_torch_fsdp2), ("--use-megatron-fsdp", args.use_megatron_fsdp)):
+        if on:
+            raise ValueError(
+                f"{flag}: FSDP (ZeRO-3) shards parameters, and megatron-muon's --optimizer muon does not run under "
+                f"FSDP yet; use --use-distributed-optimizer (ZeRO-1 sharded optimizer state), or --optimizer "
+                f"nvidia_muon / adam with FSDP (docs/compatibility.md)"
+            )
+    if args.muon_scalar_optimizer != "adam":
+        raise ValueError(
+            f"--muon-scalar-optimizer {args.muon_scalar_optimizer}: megatron-muon's --optimizer muon trains the "
+            f"non-matrix parameters with AdamW (the paper's recipe); only 'adam' is supported"
+        )
+    if args.dump_param_to_param_group_map is not None:
+        raise ValueError("--dump-param-to-param-group-map: not supported with megatron-muon's --optimizer muon (its "
+                         "param groups are the plugin's Muon / AdamW split); drop the flag")
+    if args.num_distributed_optimizer_instances != 1:
+        raise ValueError(
+            f"--num-distributed-optimizer-instances {args.num_distributed_optimizer_instances}: megatron-muon's "
+            f"--optimizer muon plans each matrix's orthogonalization over one distributed-optimizer instance; "
+            f"several instances are not supported yet (use 1, the default)"
+        )
+
+
 def _install_training_hooks(get_megatron_optimizer) -> None:
     try:
         arguments = importlib.import_module("megatron.training.arguments")
-        initialize = importlib.import_module("megatron.training.initialize")
         training = importlib.import_module("megatron.training.training")
     except ImportError:
         return
@@ -72,6 +137,7 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
         mup_widths_from_args,
         resolve_adam_betas,
         resolve_mup_args,
+        validate_muon_config,
     )
     from megatron_muon.integration.mup import MupSpec, apply_mup
 
@@ -92,7 +158,11 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
 
     @functools.wraps(original_validate)
     def validate_args(args, defaults={}):  # noqa: B006 (Megatron's signature)
+        refuse_unsupported_args(args)  # first: Megatron's own checks would fail on them with unrelated messages
         validated = validate_as_megatron(args, defaults)
+        if args.optimizer == "muon":
+            # Ranges and combinations now, before the model; the device check waits for the optimizer build.
+            validate_muon_config(args)
         resolve_mup_args(args)
         return validated
 
@@ -122,7 +192,6 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
             arguments._print_args = print_args
 
     arguments.validate_args = validate_args
-    initialize.validate_args = validate_args
 
     original_get_model = training.get_model
 

@@ -272,14 +272,15 @@ def mup_config_overrides(config, model_chunks: list) -> dict:
     """
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
-    if config.decoupled_lr is not None:
-        raise ValueError("--decoupled-lr sets the embedding / output LR that muP sets: drop one of them")
     tagged = {
         (r.lr_mult, r.wd_mult, r.eps_mult)
         for chunk in model_chunks
         for p in _unwrap(chunk).parameters()
         if (r := getattr(p, "mup_rule", None)) is not None
     }
+    # Only a model that muP tagged conflicts with --decoupled-lr; without muP it is Megatron's feature as usual.
+    if tagged and config.decoupled_lr is not None:
+        raise ValueError("--decoupled-lr sets the embedding / output LR that muP sets: drop one of them")
     overrides = {}
     for lr_mult, wd_mult, eps_mult in sorted(tagged):
         override = {}

@@ -1,0 +1,192 @@
+"""Megatron setups users bring: each trains correctly through megatron.training, or is refused before step 1
+with a message naming the flag. One test per case found by trying real command lines (issue 13)."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from megatron_muon.testing.ranks import free_port, run_ranks
+from tests.test_launch import ITERATION, SCRIPT, TRAIN_FLAGS, _env, _run
+
+
+def _launch(*flags: str, ranks: int = 1, script: str | None = None):
+    target = ["-m", "megatron_muon.launch", str(SCRIPT)] if script is None else ["-m", script]
+    if ranks == 1:
+        cmd = [sys.executable, *target, *flags]
+        env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+               "127.0.0.1", "--master-port", str(free_port()), *target, *flags]
+        env = _env()
+    return _run(cmd, env, timeout=300)
+
+
+def _with(flags: list[str], **replace: str) -> list[str]:
+    """TRAIN_FLAGS with some values replaced (flag -> value) and shorter runs."""
+    out = list(flags)
+    for flag, value in {"--train-iters": "3", **replace}.items():
+        out[out.index(flag) + 1] = value
+    return out
+
+
+def _losses(stdout: str) -> list[float]:
+    return [float(m.group(3)) for m in ITERATION.finditer(stdout)]
+
+
+# --- 1. --decoupled-lr is Megatron's own feature: refused only when muP sets the same LRs ---------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "muon"])
+def test_decoupled_lr_trains_without_mup(optimizer):
+    result = _launch(*_with(TRAIN_FLAGS), "--optimizer", optimizer, "--decoupled-lr", "3e-3",
+                     "--decoupled-min-lr", "3e-4")
+    assert result.returncode == 0, result.stdout[-5000:]
+    losses = _losses(result.stdout)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+# --- 7 / 8. virtual pipeline stages and MoE in the shipped entry points ----------------------------------------
+
+VPP = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
+
+
+@pytest.mark.multirank
+def test_virtual_pipeline_trains_through_the_cpu_example():
+    result = _launch(*_with(TRAIN_FLAGS, **{"--num-layers": "4"}), *VPP, "--global-batch-size", "4", ranks=2)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert re.search(r"^ +virtual_pipeline_model_parallel_size \.+ 2$", result.stdout, re.M)
+    losses = _losses(result.stdout)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.multirank
+def test_virtual_pipeline_trains_through_megatron_muon_train():
+    result = _launch("--model-config", "cpu-tiny", "--num-layers", "4", *VPP, "--mock-data",
+                     "--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--seq-length", "32",
+                     "--max-position-embeddings", "32", "--micro-batch-size", "1", "--global-batch-size", "4",
+                     "--train-iters", "2", "--lr", "1e-2", "--optimizer", "muon", "--use-distributed-optimizer",
+                     "--log-interval", "1", "--eval-iters", "0", ranks=2, script="megatron_muon.train")
+    assert result.returncode == 0, result.stdout[-5000:]
+    losses = _losses(result.stdout)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_cpu_example_honours_the_moe_flags():
+    result = _launch(*_with(TRAIN_FLAGS), "--num-experts", "4", "--moe-router-topk", "2",
+                     "--moe-token-dispatcher-type", "allgather")
+    assert result.returncode == 0, result.stdout[-5000:]
+    # Per layer Q, K, V, O, the router and each expert's gate, up and fc2: 2 x (5 + 4 x 3) = 34 matrices (the
+    # dense model the script built before had 2 x 7 = 14). Under EP=1 experts live in the dense optimizer.
+    assert "megatron-muon: 34 dense logical matrices" in result.stdout, result.stdout[-5000:]
+    assert all(math.isfinite(x) for x in _losses(result.stdout))
+
+
+# --- 4 / 9. setups the plugin's Muon cannot run yet: refused before the model is built --------------------------
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--use-torch-fsdp2"], r"--use-torch-fsdp2: FSDP \(ZeRO-3\).*megatron-muon's --optimizer muon"),
+    (["--use-megatron-fsdp"], r"--use-megatron-fsdp: FSDP \(ZeRO-3\).*megatron-muon's --optimizer muon"),
+    (["--num-distributed-optimizer-instances", "2"], r"--num-distributed-optimizer-instances 2: megatron-muon"),
+    (["--muon-scalar-optimizer", "lion"], r"--muon-scalar-optimizer lion: megatron-muon's --optimizer muon trains"),
+    (["--dump-param-to-param-group-map", "map.json"], r"--dump-param-to-param-group-map: not supported"),
+])
+def test_unsupported_setups_are_refused_before_the_model(flags, message):
+    result = _launch(*_with(TRAIN_FLAGS), *flags)
+    assert result.returncode != 0
+    assert re.search(message, result.stdout), result.stdout[-5000:]
+    assert "building GPT model" not in result.stdout
+
+
+# --- 10. the import-order trap ------------------------------------------------------------------------------------
+
+
+def _optimizer_after(import_first: bool) -> str:
+    if import_first:
+        from megatron.core.optimizer import get_megatron_optimizer  # what user code does at its top
+    import megatron_muon
+
+    megatron_muon.install()
+    if not import_first:
+        from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_muon.integration.flags import MuonOptimizerConfig
+    from megatron_muon.integration.gpt import build_gpt
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.models.shapes import TINY
+
+    with model_parallel(seed=1):
+        model = build_gpt(TINY)
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), module=model)
+        built = {}
+        for kind in (MuonOptimizerConfig, OptimizerConfig):
+            try:
+                optimizer = get_megatron_optimizer(kind(optimizer="muon", lr=1e-3), [ddp])
+                built[kind.__name__] = type(optimizer.chained_optimizers[0].optimizer).__name__
+            except Exception as err:  # noqa: BLE001 (the message is what the test checks)
+                built[kind.__name__] = f"{type(err).__name__}: {err}"
+    return built
+
+
+@pytest.mark.parametrize("import_first", [True, False], ids=["imported-before-install", "imported-after-install"])
+def test_muon_reaches_the_plugin_whatever_the_import_order(import_first):
+    [built] = run_ranks(_optimizer_after, world_size=1, args=(import_first,), timeout=300)
+    assert built["MuonOptimizerConfig"] == "ShardedMuonAdamW", built
+    # A plain megatron-core OptimizerConfig lacks the plugin's fields: an error naming them, never NVIDIA's Muon.
+    assert "ShardedMuonAdamW" == built["OptimizerConfig"] or "MuonOptimizerConfig" in built["OptimizerConfig"], built
+
+
+# --- version and symbol guard ----------------------------------------------------------------------------------
+
+
+def test_guard_passes_on_the_pinned_megatron_core():
+    from megatron_muon.integration import compat
+
+    version = compat.installed_version()
+    touches = compat.CORE_TOUCHES + compat.TRAINING_TOUCHES + compat.CPU_SHIM_TOUCHES
+    assert compat.problems(touches, version) == []
+    compat.check_megatron(include_training=True, include_cpu_shims=True)
+
+
+def test_guard_names_a_missing_symbol_and_a_changed_signature(monkeypatch):
+    import megatron.core.optimizer as mcore_optimizer
+
+    from megatron_muon.integration import compat
+
+    monkeypatch.delattr(mcore_optimizer, "_get_param_groups")
+    monkeypatch.setattr(mcore_optimizer, "get_standard_config_overrides", lambda config, extra=None: {})
+    found = compat.problems(compat.CORE_TOUCHES, "9.9.9")
+    assert any(line.startswith("megatron.core.optimizer._get_param_groups does not exist") and "0.19.2" in line
+               and "installed 9.9.9" in line for line in found), found
+    assert any("megatron.core.optimizer.get_standard_config_overrides takes (config, extra)" in line
+               and "as (config)" in line for line in found), found
+    with pytest.raises(compat.MegatronVersionError, match="_get_param_groups does not exist"):
+        compat.check_megatron(include_training=False)
+
+
+def test_install_refuses_an_unsupported_release_before_patching_anything():
+    code = textwrap.dedent("""
+        import megatron.core.optimizer as mcore_optimizer
+        from megatron.core import package_info
+        original = mcore_optimizer.get_megatron_optimizer
+        package_info.__version__ = "0.21.0"
+        import megatron_muon
+        try:
+            megatron_muon.install()
+        except Exception as err:
+            print(type(err).__name__, err)
+        print("untouched", mcore_optimizer.get_megatron_optimizer is original)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert "MegatronVersionError megatron-muon supports megatron-core >= 0.19.0, < 0.20.0" in result.stdout, \
+        result.stdout + result.stderr[-3000:]
+    assert "installed: 0.21.0" in result.stdout
+    assert "untouched True" in result.stdout
