@@ -28,8 +28,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from megatron_muon.newton_schulz import (  # noqa: E402
     COEFFICIENT_SETS, FP8_UNSTABLE_COEFFICIENTS, NORM_EPS, PRECISIONS,
     check_precision, composed_polynomial, orthogonalization_flops, orthogonalize, precision_schedule, resolve_method,
+    restart_points,
 )
-from megatron_muon.gram_newton_schulz import restart_points  # noqa: E402
 
 STEPS = 5  # the step count Muon uses in the paper and in both baselines' defaults
 WARMUP = 2  # the first GPU calls pay for cuBLAS handle creation and heuristics

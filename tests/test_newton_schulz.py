@@ -1,18 +1,19 @@
 """orthogonalize against independent references: the SVD polar factor, and the same polynomial applied to the
 singular values of an SVD in float64 (which isolates rounding error from the polynomial's own bias)."""
 
-import math
-
 import pytest
 import torch
 
 from megatron_muon import newton_schulz as ns
+from megatron_muon.newton_schulz import precision as ns_precision
 from megatron_muon.newton_schulz import (
     coefficient_schedule,
     newton_schulz_flops,
     orthogonalize,
     orthogonalize_via_svd,
     polar_error,
+    rounding_error,
+    spectral_matrix,
 )
 
 SETS = ("jordan", "quintic", "polar_express")
@@ -52,22 +53,6 @@ SHAPES = {
     "stacked": (3, 48, 80),
     "stacked4d": (2, 2, 40, 24),
 }
-
-
-def spectral_matrix(*shape, cond=100.0, seed=0, rank=None):
-    """Random U diag(s) V^T with singular values log-spaced over [1/cond, 1] (gradient-like decay)."""
-    g = torch.Generator().manual_seed(seed)
-    *batch, m, n = shape
-    r = rank or min(m, n)
-    U, _ = torch.linalg.qr(torch.randn(*batch, m, r, generator=g, dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(*batch, n, r, generator=g, dtype=torch.float64))
-    s = torch.logspace(0, -math.log10(cond), r, dtype=torch.float64)
-    return ((U * s) @ V.mT).float()
-
-
-def rounding_deviation(x, out, coefficients, steps=5):
-    exact = orthogonalize_via_svd(x, steps, coefficients)
-    return float((out.double() - exact).norm() / exact.norm())
 
 
 # --- coefficient schedules -----------------------------------------------------------------------------------
@@ -110,7 +95,7 @@ def test_fp32_equals_the_polynomial_applied_to_singular_values(shape, coefficien
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
     out = orthogonalize(x, 5, coefficients, "fp32")
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert rounding_deviation(x, out, coefficients) <= ROUNDING_BOUNDS["fp32"]
+    assert rounding_error(x, out, 5, coefficients) <= ROUNDING_BOUNDS["fp32"]
 
 
 def test_stack_equals_each_matrix_alone():
@@ -136,7 +121,7 @@ def test_polar_error_within_stated_bound(precision, coefficients, shape):
         err = polar_error(x, out)
         assert err.relative_frobenius <= max_err
         assert low <= err.sigma_min and err.sigma_max <= high
-        assert rounding_deviation(x, out, coefficients) <= ROUNDING_BOUNDS[precision]
+        assert rounding_error(x, out, 5, coefficients) <= ROUNDING_BOUNDS[precision]
 
 
 # Rounding noise that lands in the null space of a rank-deficient input is amplified like a tiny singular value
@@ -181,7 +166,7 @@ def test_huge_norm_inputs_stay_finite_and_within_rounding(method, precision, sca
     x = spectral_matrix(32, 96, seed=3) * scale
     out = orthogonalize(x, 5, "jordan", precision, method=method)
     assert torch.isfinite(out).all()
-    assert rounding_deviation(x, out, "jordan") <= ROUNDING_BOUNDS[precision]
+    assert rounding_error(x, out, 5, "jordan") <= ROUNDING_BOUNDS[precision]
 
 
 @pytest.mark.parametrize("precision", ns.PRECISIONS + ("fp8>bf16",))
@@ -194,7 +179,7 @@ def test_ill_conditioned_inputs_stay_in_band_and_within_rounding(precision, coef
         out = orthogonalize(x, 5, coefficients, precision)
         assert torch.isfinite(out).all()
         assert polar_error(x, out).sigma_max <= POLAR_BOUNDS[precision, coefficients][2]
-        assert rounding_deviation(x, out, coefficients) <= ILL_CONDITIONED_ROUNDING[precision]
+        assert rounding_error(x, out, 5, coefficients) <= ILL_CONDITIONED_ROUNDING[precision]
 
 
 def test_nan_input_never_passes_a_quality_check():
@@ -288,8 +273,8 @@ def test_measured_fp8_split_is_no_worse_than_bf16_and_one_more_fp8_step_is(coeff
 
 # --- FP8 GEMM backend ----------------------------------------------------------------------------------------------
 def test_cpu_uses_scaled_mm_even_with_transformer_engine_installed(monkeypatch):
-    real_find_spec = ns.importlib.util.find_spec
-    monkeypatch.setattr(ns.importlib.util, "find_spec",
+    real_find_spec = ns_precision.importlib.util.find_spec
+    monkeypatch.setattr(ns_precision.importlib.util, "find_spec",
                         lambda name, *a: object() if name == "transformer_engine" else real_find_spec(name, *a))
     assert ns.fp8_gemm_backend("cpu") == "torch._scaled_mm"
     with pytest.raises(RuntimeError, match="needs Transformer Engine and a CUDA device"):

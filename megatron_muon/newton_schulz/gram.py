@@ -1,4 +1,5 @@
-"""Gram Newton-Schulz: the same quintic iteration, run on the small Gram matrix instead of the rectangular iterate.
+"""Gram Newton-Schulz: the same quintic iteration, run on the small Gram matrix instead of the rectangular iterate;
+and the choice between it and standard Newton-Schulz.
 
 Newton-Schulz on a wide X (m x n, m <= n) applies X <- (a I + b R + c R^2) X with R = X X^T. Every factor in
 front of X is a polynomial in the Gram matrix of the *starting* X, so X_t = Q_t X_0 with Q_t an m x m matrix,
@@ -9,24 +10,29 @@ and both Q_t and R_t = X_t X_t^T can be advanced without touching X:
 Only the first Gram matrix (2 m^2 n) and the final Q X_0 (2 m^2 n) are rectangular; the steps between are
 m x m products (Zhang, Amsel, Chen, Dao, "Gram Newton-Schulz", Dao AI Lab 2026). For the 4:1 MLP matrices of the
 paper's models that cuts 22% of the FLOPs with two restarts; for square matrices it costs more (see
-`gram_newton_schulz_flops`).
+`flops.gram_newton_schulz_flops`).
 
 In exact arithmetic R stays positive semi-definite. In finite precision R picks up rounding errors of order
 eps * ||R||, and an eigenvalue pushed below zero is not damped like a small positive one: the update multiplies
 it by (a + b lambda + c lambda^2)^2 ~ a^2 (12 to 70) per step, so it grows without bound. A restart (X <- Q X,
 R <- X X^T, Q <- I) rebuilds R as a Gram matrix, which removes those spurious eigenvalues at the price of two
 more rectangular products. Where to restart depends on the coefficients; `GRAM_RESTARTS` holds measured choices.
-
-Pure math: no torch.distributed, no Megatron. The GEMMs come from a `GramGemms` per iteration, so one code path
-serves every precision (see newton_schulz.py, which owns the precisions and calls `gram_iterate`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Literal
 
 import torch
+
+from megatron_muon.newton_schulz.coefficients import Coefficients, canonical_coefficients
+from megatron_muon.newton_schulz.flops import gram_newton_schulz_flops, newton_schulz_flops
+from megatron_muon.newton_schulz.precision import Gemms
+
+Method = Literal["standard", "gram", "auto"]
+METHODS: tuple[str, ...] = ("standard", "gram", "auto")
 
 # Restart before these (0-based) iterations of a 5-step schedule, per coefficient set. Measured in fp32, bf16 and
 # fp16 on inputs of aspect 2:1 to 8:1 and condition number 1e2 to 1e5, over restarts (), (1), (2), (3), (1, 3),
@@ -39,17 +45,14 @@ GRAM_RESTARTS: dict[str, tuple[int, ...]] = {"jordan": (2, 4), "quintic": (2, 4)
 # the stretch between restarts must not grow with the step count.
 GRAM_RESTART_INTERVAL = 2
 
+# `auto` uses Gram Newton-Schulz from this aspect ratio on. With 5 steps and restarts (2, 4) Gram costs
+# 12 m^2 n + 22 m^3 FLOPs against 20 m^2 n + 10 m^3, so it breaks even at n = 1.5 m; at 3:1 it saves 17%, at
+# the MLP's 4:1 22%. The margin pays for its extra small m x m GEMMs, which run further from peak than the
+# rectangular ones (a projection: no GPU measurement has picked it yet). K/V (2:1) and square matrices stay standard.
+GRAM_MIN_ASPECT = 3.0
 
-class GramGemms(Protocol):
-    """The products one iteration needs, in one precision. `addmm` returns beta * c + alpha * a @ b."""
-
-    def cast(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    def gram(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor: ...
-
-    def addmm(self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float = 1.0) -> torch.Tensor: ...
+_log = logging.getLogger(__name__)
+_LOGGED_CHOICES: set[tuple[int, int, int, str]] = set()
 
 
 def restart_points(coefficients: str, steps: int) -> tuple[int, ...]:
@@ -59,25 +62,45 @@ def restart_points(coefficients: str, steps: int) -> tuple[int, ...]:
     return measured + tuple(range(last + GRAM_RESTART_INTERVAL, steps, GRAM_RESTART_INTERVAL))
 
 
-def gram_newton_schulz_flops(rows: int, cols: int, steps: int, restarts: Collection[int]) -> int:
-    """Multiply-add FLOPs (2 per MAC) of Gram Newton-Schulz on one rows x cols matrix, as `gram_iterate` runs it.
+def check_gram_precisions(coefficients: str, precisions: Sequence[str]) -> None:
+    """Raise if fp8 runs at or after the first restart, where Gram Newton-Schulz diverges in fp8."""
+    restarts = restart_points(canonical_coefficients(coefficients), len(precisions))
+    if restarts and "fp8" in precisions[restarts[0]:]:
+        raise ValueError(
+            f"Gram Newton-Schulz runs fp8 only before its first restart (iteration {restarts[0]}): from there on "
+            f"e4m3 noise in the Gram matrix gives it negative eigenvalues that grow ~a^2 per step (measured output "
+            f"singular values 5-15); got precisions {precisions}"
+        )
 
-    With m = min(rows, cols), n = max: 2 m^2 n for the first Gram matrix and for the final Q X, 4 m^2 n per
-    restart (Q X and its Gram matrix); per iteration 2 m^3 for R^2, 2 m^3 for Q Z unless Q is the identity
-    (first iteration after a (re)start), 4 m^3 for the R update unless the next iteration restarts or none follows.
-    Symmetric products are counted in full: torch has no symmetric GEMM (a SYRK-style kernel would halve them).
+
+def resolve_method(method: Method, rows: int, cols: int, steps: int = 5, coefficients: str = "jordan") -> str:
+    """`standard` or `gram`; `auto` picks Gram Newton-Schulz from the aspect ratio alone (see `GRAM_MIN_ASPECT`).
+
+    Deterministic in (rows, cols): every rank resolves the same matrix the same way. `auto` logs its choice once
+    per (shape, steps, coefficients) at INFO on this module's logger.
     """
-    m, n = min(rows, cols), max(rows, cols)
-    restarts = {t for t in restarts if 0 < t < steps}
-    rectangular = 2 * m * m * n * (2 + 2 * len(restarts))
-    square = 0
-    for t in range(steps):
-        square += 2 * m**3
-        if t != 0 and t not in restarts:
-            square += 2 * m**3
-        if t + 1 < steps and t + 1 not in restarts:
-            square += 4 * m**3
-    return rectangular + square
+    if method not in METHODS:
+        raise ValueError(f"unknown Newton-Schulz method {method!r}; choose one of {list(METHODS)}")
+    if method != "auto":
+        return method
+    short, long = min(rows, cols), max(rows, cols)
+    chosen = "gram" if short > 0 and long >= GRAM_MIN_ASPECT * short else "standard"
+    key = (short, long, steps, canonical_coefficients(coefficients))
+    if key not in _LOGGED_CHOICES:
+        _LOGGED_CHOICES.add(key)
+        saved = 1 - orthogonalization_flops(rows, cols, steps, coefficients, "gram") / max(newton_schulz_flops(rows, cols, steps), 1)
+        _log.info(
+            "Newton-Schulz method for %dx%d (%d steps, %s): %s (aspect %.2f, threshold %.1f; Gram would save %.0f%% "
+            "of the FLOPs)", rows, cols, steps, key[3], chosen, long / max(short, 1), GRAM_MIN_ASPECT, 100 * saved,
+        )
+    return chosen
+
+
+def orthogonalization_flops(rows: int, cols: int, steps: int = 5, coefficients: str = "jordan", method: Method = "standard") -> int:
+    """FLOPs of one `orthogonalize(x, steps, coefficients, method=method)` on a rows x cols matrix."""
+    if resolve_method(method, rows, cols, steps, coefficients) == "gram":
+        return gram_newton_schulz_flops(rows, cols, steps, restart_points(canonical_coefficients(coefficients), steps))
+    return newton_schulz_flops(rows, cols, steps)
 
 
 def _identity_plus(z: torch.Tensor, a: float) -> torch.Tensor:
@@ -88,8 +111,8 @@ def _identity_plus(z: torch.Tensor, a: float) -> torch.Tensor:
 
 def gram_iterate(
     x: torch.Tensor,
-    schedule: Sequence[tuple[float, float, float]],
-    gemms: Sequence[GramGemms],
+    schedule: Sequence[Coefficients],
+    gemms: Sequence[Gemms],
     restarts: Collection[int],
 ) -> torch.Tensor:
     """Gram Newton-Schulz on a normalized wide stack x [batch, m, n] (m <= n); gemms[t] runs iteration t.
