@@ -202,3 +202,31 @@ def test_loading_into_another_hidden_size_fails_naming_the_tensor(saved):
     assert result.returncode != 0
     assert re.search(r"CheckpointingException: Global shape mismatch for loaded \(torch.Size\(\[\d+, 64\]\)\) and "
                      r"expected \(\(\d+, 96\)\) tensor for key [\w.]+", result.stdout), result.stdout[-6000:]
+
+
+def test_legacy_torch_checkpoint_format_resumes_exactly(tmp_path, uninterrupted):
+    """`--ckpt-format torch` (one file per rank, no resharding): save under DP=2, resume under DP=2."""
+    ckpt = tmp_path / "ckpt"
+    flags = [f for f in _flags() if f != "--dist-ckpt-optim-fully-reshardable"] + ["--ckpt-format", "torch"]
+    saved = _torchrun("--save", str(ckpt), "--save-interval", str(SAVE_AT), "--exit-interval", str(SAVE_AT),
+                      flags=flags)
+    assert saved.returncode == 0, saved.stdout[-6000:]
+    assert not any(ckpt.rglob("*.distcp")) and any(ckpt.rglob("*.pt"))
+    resumed = _torchrun("--load", str(ckpt), flags=flags)
+    assert resumed.returncode == 0, resumed.stdout[-6000:]
+    after = _iterations(resumed.stdout)
+    assert sorted(after) == [4, 5, 6], resumed.stdout[-6000:]
+    worst = _compare({**_iterations(saved.stdout), **after}, uninterrupted("fp32"))
+    print(f"--ckpt-format torch DP=2 -> DP=2: worst relative lm-loss difference {worst:.1e}")
+    assert worst <= TOLERANCE["fp32"], worst
+
+
+def test_overlapped_param_gather_trains_like_the_plain_step(uninterrupted):
+    """--overlap-grad-reduce --overlap-param-gather (DP=2, distributed optimizer) changes when communication
+    happens, not what the step computes."""
+    overlapped = _torchrun("--overlap-grad-reduce", "--overlap-param-gather")
+    assert overlapped.returncode == 0, overlapped.stdout[-6000:]
+    assert re.search(r"^ +overlap_param_gather \.+ True$", overlapped.stdout, re.M)
+    worst = _compare(_iterations(overlapped.stdout), uninterrupted("fp32"))
+    print(f"overlapped param gather: worst relative lm-loss difference {worst:.1e}")
+    assert worst <= TOLERANCE["fp32"], worst

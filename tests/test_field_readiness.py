@@ -94,6 +94,8 @@ def test_cpu_example_honours_the_moe_flags():
     (["--use-torch-fsdp2"], r"--use-torch-fsdp2: FSDP \(ZeRO-3\).*megatron-muon's --optimizer muon"),
     (["--use-megatron-fsdp"], r"--use-megatron-fsdp: FSDP \(ZeRO-3\).*megatron-muon's --optimizer muon"),
     (["--num-distributed-optimizer-instances", "2"], r"--num-distributed-optimizer-instances 2: megatron-muon"),
+    (["--use-precision-aware-optimizer"], r"--use-precision-aware-optimizer: megatron-muon's --optimizer muon"),
+    (["--optimizer-cpu-offload"], r"--optimizer-cpu-offload: megatron-muon's --optimizer muon"),
     (["--muon-scalar-optimizer", "lion"], r"--muon-scalar-optimizer lion: megatron-muon's --optimizer muon trains"),
     (["--dump-param-to-param-group-map", "map.json"], r"--dump-param-to-param-group-map: not supported"),
 ])

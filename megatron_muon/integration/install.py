@@ -109,6 +109,11 @@ def refuse_unsupported_args(args) -> None:
                 f"FSDP yet; use --use-distributed-optimizer (ZeRO-1 sharded optimizer state), or --optimizer "
                 f"nvidia_muon / adam with FSDP (docs/compatibility.md)"
             )
+    for flag, on in (("--use-precision-aware-optimizer", args.use_precision_aware_optimizer),
+                     ("--optimizer-cpu-offload", args.optimizer_cpu_offload)):
+        if on:
+            raise ValueError(f"{flag}: megatron-muon's --optimizer muon keeps fp32 main params and its state on the "
+                             f"GPU inside Megatron's standard wrappers; {flag} is not supported (drop it)")
     if args.muon_scalar_optimizer != "adam":
         raise ValueError(
             f"--muon-scalar-optimizer {args.muon_scalar_optimizer}: megatron-muon's --optimizer muon trains the "
