@@ -1,10 +1,11 @@
 """megatron-muon: Muon, muP and muP hyperparameter transfer for Megatron-LM large-batch pretraining.
 
-Floors (imports only go down): math (newton_schulz, muon, plan) -> runtime (testing.ranks) -> Megatron
+Floors (imports only go down): math (newton_schulz, muon_config, muon, plan) -> runtime (testing.ranks) -> Megatron
 integration (megatron/) -> tools (examples/, benchmarks/). Importing this package never imports megatron.
 """
 
 from megatron_muon.muon import Muon, MuonWithAdamW, split_params
+from megatron_muon.muon_config import MuonConfig
 from megatron_muon.newton_schulz import orthogonalize, polar_error
 
 
@@ -16,4 +17,4 @@ def install() -> None:
     _install()
 
 
-__all__ = ["Muon", "MuonWithAdamW", "install", "orthogonalize", "polar_error", "split_params"]
+__all__ = ["Muon", "MuonConfig", "MuonWithAdamW", "install", "orthogonalize", "polar_error", "split_params"]

@@ -25,29 +25,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from megatron_muon.newton_schulz import METHODS, canonical_coefficients, check_precision, orthogonalize
+from megatron_muon.muon_config import SCALE_ALIASES, SCALE_MODES, SETTINGS, UPDATE_SETTINGS, MuonConfig
+from megatron_muon.newton_schulz import orthogonalize
+
 
 # ---------------------------------------------------------------------------------------------------------------
-# Update scale: one table for every spelling a user may know (megatron-core's names are canonical).
-# fan_out = rows, fan_in = columns of a torch weight [out_features, in_features].
+# Update scale (the modes are defined with the other settings, in muon_config.py).
 # ---------------------------------------------------------------------------------------------------------------
-SCALE_MODES: dict[str, Callable[[int, int], float]] = {
-    # The paper's (from Moonlight): RMS of O times this equals 0.2, AdamW's typical update RMS.
-    "essential": lambda fan_out, fan_in: 0.2 * math.sqrt(max(fan_out, fan_in)),
-    # megatron-core `spectral` (Kimi): sqrt(max); with extra scale 0.2 it equals `essential`.
-    "spectral": lambda fan_out, fan_in: math.sqrt(max(fan_out, fan_in)),
-    # megatron-core `unit_rms_norm` (Bernstein's spectral condition, muP-natural): sqrt(fan_out / fan_in).
-    "unit_rms_norm": lambda fan_out, fan_in: math.sqrt(fan_out / fan_in),
-    # megatron-core `shape_scaling` (Keller Jordan's muon.py): sqrt(max(1, fan_out / fan_in)).
-    "shape_scaling": lambda fan_out, fan_in: math.sqrt(max(1.0, fan_out / fan_in)),
-}
-SCALE_ALIASES: dict[str, str] = {"shape": "shape_scaling"}
-
-
 def canonical_scale_mode(name: str) -> str:
     resolved = SCALE_ALIASES.get(name, name)
     if resolved not in SCALE_MODES:
-        raise ValueError(f"unknown Muon scale mode {name!r}; choose one of {sorted(SCALE_MODES) + sorted(SCALE_ALIASES)}")
+        raise ValueError(f"unknown Muon scale mode {name!r}; choose one of {SETTINGS['scale_mode'].accepted}")
     return resolved
 
 
@@ -150,29 +138,29 @@ def split_params(model: nn.Module) -> ParamSplit:
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizers.
 # ---------------------------------------------------------------------------------------------------------------
-_MUON_DEFAULTS = dict(
-    momentum=0.95, nesterov=True, ns_steps=5, coefficients="jordan", precision="fp32", scale_mode="essential",
-    extra_scale_factor=1.0, ns_method="standard",
-)
 ADAMW_DEFAULTS = dict(betas=(0.95, 0.95), eps=1e-8)
 
 
+def _muon_defaults(options: dict, known: dict) -> dict:
+    """`known` updated by `options`, with a TypeError naming any keyword that is not one of `known`'s."""
+    unknown = set(options) - set(known)
+    if unknown:
+        raise TypeError(f"unknown Muon options {sorted(unknown)}; known: {sorted(known)}")
+    return {**known, **options}
+
+
 def _validate_muon_group(group: dict) -> None:
+    """Check a Muon group's settings through MuonConfig and store them resolved (aliases to canonical names)."""
     for p in group["params"]:
         if p.ndim != 2:
             raise ValueError(
                 f"Muon orthogonalizes 2-D weight matrices only; got a parameter of shape {tuple(p.shape)}. Route "
                 f"embeddings, heads, norms, biases and other non-matrix parameters to AdamW (see split_params)"
             )
-    if not 0.0 <= group["momentum"] < 1.0:
-        raise ValueError(f"Muon momentum must be in [0, 1), got {group['momentum']}")
-    canonical_coefficients(group["coefficients"])
-    canonical_scale_mode(group["scale_mode"])
-    if group["ns_method"] not in METHODS:
-        raise ValueError(f"unknown Newton-Schulz method {group['ns_method']!r}; choose one of {list(METHODS)}")
-    devices = {p.device for p in group["params"]} or {torch.device("cpu")}
-    for device in devices:
-        check_precision(group["precision"], device)
+    config = MuonConfig(**{name: group[name] for name in UPDATE_SETTINGS})
+    group.update(config.update_options())
+    for device in {p.device for p in group["params"]} or {torch.device("cpu")}:
+        config.check_device(device)
 
 
 def _muon_step_group(group: dict, state: dict) -> None:
@@ -189,7 +177,7 @@ def _muon_step_group(group: dict, state: dict) -> None:
     for (shape, _, _), params in by_shape.items():
         stack = torch.stack([directions[p] for p in params])
         orthogonal = orthogonalize(
-            stack, group["ns_steps"], group["coefficients"], group["precision"], method=group["ns_method"]
+            stack, group["ns_steps"], group["coefficients"], group["ns_precision"], method=group["ns_method"]
         )
         scale = update_scale(group["scale_mode"], shape[0], shape[1], group["extra_scale_factor"])
         for p, o in zip(params, orthogonal):
@@ -216,19 +204,13 @@ class Muon(torch.optim.Optimizer):
     Args:
         lr: learning rate (AdamW-like magnitude under the default `essential` scale).
         weight_decay: coupled weight decay: W <- W * (1 - lr * wd) each step.
-        momentum, nesterov: beta and the Nesterov look-ahead (paper: 0.95, on).
-        ns_steps, coefficients, precision, ns_method: passed to `orthogonalize` (`jordan` = megatron-core's
-            `simple`; ns_method `gram` / `auto` for Gram Newton-Schulz on rectangular matrices).
-        scale_mode: `essential` 0.2 sqrt(max(m, n)) (default), `spectral` sqrt(max(m, n)),
-            `unit_rms_norm` sqrt(fan_out / fan_in), `shape_scaling` (alias `shape`) sqrt(max(1, fan_out / fan_in)).
-        extra_scale_factor: multiplies any scale mode.
+        muon_options: any `MuonConfig` field but the layout ones (momentum, nesterov, ns_steps, coefficients,
+            ns_precision, ns_method, scale_mode, extra_scale_factor), with MuonConfig's defaults and checks.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, **muon_options):
-        unknown = set(muon_options) - set(_MUON_DEFAULTS)
-        if unknown:
-            raise TypeError(f"unknown Muon options {sorted(unknown)}; known: {sorted(_MUON_DEFAULTS)}")
-        super().__init__(params, dict(_MUON_DEFAULTS, lr=lr, weight_decay=weight_decay, **muon_options))
+        options = _muon_defaults(muon_options, MuonConfig().update_options())
+        super().__init__(params, dict(options, lr=lr, weight_decay=weight_decay))
         for group in self.param_groups:
             _validate_muon_group(group)
 
@@ -251,11 +233,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, param_groups: list[dict], lr: float = 1e-3, weight_decay: float = 0.1, **options):
-        defaults = dict(_MUON_DEFAULTS, **ADAMW_DEFAULTS, lr=lr, weight_decay=weight_decay)
-        unknown = set(options) - set(defaults)
-        if unknown:
-            raise TypeError(f"unknown options {sorted(unknown)}; known: {sorted(defaults)}")
-        defaults.update(options)
+        known = dict(MuonConfig().update_options(), **ADAMW_DEFAULTS, lr=lr, weight_decay=weight_decay)
+        defaults = _muon_defaults(options, known)
         for group in param_groups:
             if "use_muon" not in group:
                 raise ValueError("every MuonWithAdamW param group needs a `use_muon` flag")

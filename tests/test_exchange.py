@@ -42,7 +42,8 @@ def _toy_muon(tp: int, dp: int, precision: str, steps: int) -> dict:
     """World = tp x dp ranks (tp fastest); each DP rank owns a flat 1/dp range of its TP shard."""
     import torch.distributed as dist
 
-    from megatron_muon.runtime.distributed_muon import DistributedMuonStep, Holding, ShardedMuonAdamW, MuonSettings
+    from megatron_muon.muon_config import MuonConfig
+    from megatron_muon.runtime.distributed_muon import DistributedMuonStep, Holding, ShardedMuonAdamW
 
     rank = dist.get_rank()
     tp_rank, dp_rank = rank % tp, rank // tp
@@ -56,7 +57,7 @@ def _toy_muon(tp: int, dp: int, precision: str, steps: int) -> dict:
     start, end = dp_rank * numel // dp, (dp_rank + 1) * numel // dp
     holdings = [None] * dist.get_world_size()
     dist.all_gather_object(holdings, [Holding("w", tp_rank, (start, end), (start, end))])
-    settings = MuonSettings(precision=precision)
+    settings = MuonConfig(ns_precision=precision)
     step_fn = DistributedMuonStep(weights, shapes, holdings, None, settings)
 
     init = {"a": torch.zeros(A_ROWS, COLS), "b": torch.zeros(B_ROWS, COLS)}
@@ -78,7 +79,7 @@ def _reference(precision: str, steps: int) -> dict[str, torch.Tensor]:
     from megatron_muon.muon import Muon
 
     params = {name: torch.nn.Parameter(torch.zeros(shape)) for name, shape in (("a", (A_ROWS, COLS)), ("b", (B_ROWS, COLS)))}
-    opt = Muon(list(params.values()), lr=0.1, weight_decay=0.01, precision=precision)
+    opt = Muon(list(params.values()), lr=0.1, weight_decay=0.01, ns_precision=precision)
     for step in range(steps):
         for name, g in _full_gradients(step).items():
             params[name].grad = g

@@ -99,8 +99,10 @@ def kind(target: str) -> str:
         return "package"
     if target == "torch.distributed" or target.startswith("torch.distributed."):
         return "torch.distributed"
-    if top in ("torch", "numpy", "megatron", "transformer_engine"):
+    if top in ("torch", "numpy", "megatron"):
         return top
+    if top in ("transformer_engine", "transformer_engine_torch"):  # TE's Python package and its C++ extension
+        return "transformer_engine"
     return "stdlib" if top in sys.stdlib_module_names else "other"
 
 

@@ -1,21 +1,12 @@
-"""The plugin's optimizer settings as Megatron config fields and flags, one spelling everywhere.
+"""The plugin's settings as Megatron config fields and flags, derived from `MuonConfig` (muon_config.py).
 
-megatron-core 0.19.2 already defines `muon_*` fields in `OptimizerConfig` and `--muon-*` flags. Fields that mean
-the same thing here are reused as they are; `MuonOptimizerConfig` adds the new ones and changes defaults to the
-paper's recipe (arXiv 2505.02222), so `--optimizer muon` trains as the paper did unless told otherwise.
-
-Defaults that differ from megatron-core's (CLI defaults in brackets where they differ from the library's):
-
-| field | megatron-core | here | why |
-|---|---|---|---|
-| muon_momentum | 0.95 [--muon-momentum 0.9] | 0.95 | the paper's beta |
-| muon_nesterov | False | True (`--no-muon-nesterov` turns it off) | the paper's update |
-| muon_coefficient_type | quintic | simple (Jordan's, the paper's) | the paper's coefficients |
-| muon_scale_mode | spectral | essential, 0.2 sqrt(max(m, n)) | one lr / wd for Muon and AdamW |
-| adam_beta1, adam_beta2 | 0.9, 0.999 | 0.95, 0.95 with --optimizer muon only | the paper's AdamW branch |
-| muon_split_glu (new) | - | True (`--muon-no-split-glu`) | gate and up are separate matrices |
-| muon_ns_precision (new) | - (`--muon-fp32-matmul-prec`) | bf16 | Newton-Schulz GEMM operands: fp32, bf16, fp16, fp8, or a schedule such as fp8>bf16 |
-| muon_ns_method (new) | - | standard | Newton-Schulz on X (standard), on its Gram matrix (gram), or by aspect ratio (auto) |
+megatron-core 0.19.2 already defines `muon_*` fields in `OptimizerConfig` and `--muon-*` flags. Every MuonConfig
+setting names its field and flag (`muon_config.SETTINGS`): megatron-core's spelling where it means the same thing,
+a new one otherwise. From that one table, `MuonOptimizerConfig` is OptimizerConfig with each such field defaulting
+to MuonConfig's (the paper's recipe, arXiv 2505.02222), `add_muon_arguments` gives megatron.training's parser the
+same defaults, choices and help and adds the new flags, and `muon_config_from` reads a config (or parsed arguments)
+back into one MuonConfig, which validates it. Adam's betas default to the paper's (0.95, 0.95) with
+`--optimizer muon` only.
 
 `muon_tp_mode` and `muon_fp32_matmul_prec` configure NVIDIA's Muon only (reachable as `--optimizer nvidia_muon`):
 this plugin always orthogonalizes full logical matrices, once, and takes its precision from muon_ns_precision.
@@ -24,113 +15,87 @@ this plugin always orthogonalizes full logical matrices, once, and takes its pre
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import dataclasses
 
+import torch
 from megatron.core.optimizer import OptimizerConfig
 
 from megatron_muon.integration.mup import DEFAULT_MUON_PRESET, base_widths, forward_multipliers
-from megatron_muon.muon import SCALE_ALIASES, SCALE_MODES, canonical_scale_mode
+from megatron_muon.muon_config import SETTINGS, MuonConfig
 from megatron_muon.mup.rules import PRESETS, ModelWidths, check_base_and_target
-from megatron_muon.newton_schulz import (
-    COEFFICIENT_ALIASES,
-    COEFFICIENT_SETS,
-    METHODS,
-    PRECISIONS,
-    check_precision,
-    precision_schedule,
-)
 
 PAPER_ADAM_BETAS = (0.95, 0.95)
 MEGATRON_ADAM_BETAS = (0.9, 0.999)
 
+_DEFAULTS = MuonConfig()
 
-@dataclass
-class MuonOptimizerConfig(OptimizerConfig):
-    """megatron-core's OptimizerConfig with the plugin's fields and the paper's Muon defaults."""
-
-    muon_nesterov: bool = True
-    muon_coefficient_type: str = "simple"
-    muon_scale_mode: str = "essential"
-    muon_split_glu: bool = True
-    muon_ns_precision: str = "bf16"
-    muon_ns_method: str = "standard"
+MuonOptimizerConfig = dataclasses.make_dataclass(
+    "MuonOptimizerConfig",
+    [(SETTINGS[f.name].megatron_field, f.type, dataclasses.field(default=getattr(_DEFAULTS, f.name)))
+     for f in dataclasses.fields(MuonConfig)],
+    bases=(OptimizerConfig,),
+    namespace={"__doc__": "megatron-core's OptimizerConfig with every Muon field, defaulting to MuonConfig's."},
+    module=__name__,
+)
 
 
-def validate_muon_config(config: OptimizerConfig, device=None) -> None:
-    """Raise before any model work if the Muon settings cannot run; every message names its flag."""
+def muon_config_from(config) -> MuonConfig:
+    """The Muon settings of an OptimizerConfig (or of megatron.training's parsed arguments), validated."""
+    missing = [s.megatron_field for s in SETTINGS.values() if not hasattr(config, s.megatron_field)]
+    if missing:
+        raise TypeError(
+            f"{type(config).__name__} has no {', '.join(missing)}: build the config as "
+            f"megatron_muon.integration.flags.MuonOptimizerConfig, or call megatron_muon.install() before "
+            f"megatron.training builds it"
+        )
+    return MuonConfig(**{name: getattr(config, s.megatron_field) for name, s in SETTINGS.items()})
+
+
+def validate_muon_config(config, device: torch.device | None = None) -> MuonConfig:
+    """The Muon settings of `config`, or an error naming the flag, before any model work.
+
+    `device` is where Newton-Schulz runs; None (argument time, before each rank has chosen its GPU) leaves the
+    device check to the optimizer build.
+    """
     if config.fp16:
         raise ValueError("--optimizer muon trains in bf16 or fp32; --fp16 is not supported (use --bf16)")
-    try:
-        canonical_scale_mode(config.muon_scale_mode)
-    except ValueError as err:
-        raise ValueError(f"--muon-scale-mode: {err}") from None
-    if config.muon_coefficient_type not in COEFFICIENT_SETS and config.muon_coefficient_type not in COEFFICIENT_ALIASES:
-        raise ValueError(
-            f"--muon-coefficient-type {config.muon_coefficient_type!r} is not one of "
-            f"{sorted(COEFFICIENT_SETS) + sorted(COEFFICIENT_ALIASES)}"
-        )
-    if config.muon_num_ns_steps < 1:
-        raise ValueError(f"--muon-num-ns-steps must be >= 1, got {config.muon_num_ns_steps}")
-    if not 0.0 <= config.muon_momentum < 1.0:
-        raise ValueError(f"--muon-momentum must be in [0, 1), got {config.muon_momentum}")
-    method = getattr(config, "muon_ns_method", "standard")
-    if method not in METHODS:
-        raise ValueError(f"--muon-ns-method {method!r} is not one of {list(METHODS)}")
-    precision = getattr(config, "muon_ns_precision", "bf16")
-    try:
-        precision_schedule(precision, config.muon_num_ns_steps, config.muon_coefficient_type, method)
-        check_precision(precision, device if device is not None else _default_device())
-    except ValueError as err:
-        raise ValueError(f"--muon-ns-precision {precision!r}: {err}") from None
-    except RuntimeError as err:
-        raise RuntimeError(f"--muon-ns-precision {precision}: {err}") from None
-
-
-def _default_device():
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    muon = muon_config_from(config)
+    if device is not None:
+        muon.check_device(device)
+    return muon
 
 
 def add_muon_arguments(parser: argparse.ArgumentParser) -> None:
-    """Extend megatron.training's parser in place: new flags, and the paper's defaults on Megatron's own."""
+    """Extend megatron.training's parser in place: new flags, and MuonConfig's defaults on Megatron's own."""
     actions = {opt: action for action in parser._actions for opt in action.option_strings}
+    # set_defaults also redefaults Megatron's actions of these dests, and is what the new ones below default to.
+    parser.set_defaults(**{s.megatron_field: getattr(_DEFAULTS, name) for name, s in SETTINGS.items()})
+    group = parser.add_argument_group(title="megatron-muon")
+    for f in dataclasses.fields(MuonConfig):
+        setting = SETTINGS[f.name]
+        help_text = setting.help if f.type is bool else f"{setting.help} Default: %(default)s."
+        for action in parser._actions:
+            if action.dest == setting.megatron_field:
+                action.help = help_text
+                action.choices = setting.accepted or None
+        if setting.flag in actions:
+            continue
+        if f.type is bool:
+            switch = "store_false" if getattr(_DEFAULTS, f.name) else "store_true"
+            group.add_argument(setting.flag, action=switch, dest=setting.megatron_field, help=help_text)
+        else:
+            group.add_argument(setting.flag, type=f.type, dest=setting.megatron_field, choices=setting.accepted or None,
+                               help=help_text)
 
-    def redefault(flag: str, default, help_text: str, choices=None):
-        action = actions[flag]
-        action.default = default
-        action.help = help_text
-        if choices is not None:
-            action.choices = choices
-
-    redefault("--muon-momentum", 0.95, "Muon momentum beta (paper: 0.95).")
-    redefault("--muon-nesterov", True, "Nesterov look-ahead for Muon (on by default; --no-muon-nesterov turns it off).")
-    redefault("--muon-coefficient-type", "simple",
-              f"Newton-Schulz coefficients: {sorted(COEFFICIENT_SETS) + sorted(COEFFICIENT_ALIASES)} "
-              f"(simple = jordan, the paper's).", choices=sorted(COEFFICIENT_SETS) + sorted(COEFFICIENT_ALIASES))
-    redefault("--muon-scale-mode", "essential",
-              "Muon update scale: essential 0.2*sqrt(max(m,n)) (the paper's), spectral sqrt(max(m,n)), "
-              "unit_rms_norm sqrt(fan_out/fan_in), shape_scaling sqrt(max(1,fan_out/fan_in)).",
-              choices=sorted(SCALE_MODES) + sorted(SCALE_ALIASES))
     # None means "the optimizer's default": 0.95 for --optimizer muon (the paper), Megatron's otherwise.
-    redefault("--adam-beta1", None, "Adam beta1 (default 0.9; 0.95 with --optimizer muon, the paper's).")
-    redefault("--adam-beta2", None, "Adam beta2 (default 0.999; 0.95 with --optimizer muon, the paper's).")
+    actions["--adam-beta1"].default = None
+    actions["--adam-beta1"].help = "Adam beta1 (default 0.9; 0.95 with --optimizer muon, the paper's)."
+    actions["--adam-beta2"].default = None
+    actions["--adam-beta2"].help = "Adam beta2 (default 0.999; 0.95 with --optimizer muon, the paper's)."
     optimizer = actions["--optimizer"]
     optimizer.choices = [*optimizer.choices, "nvidia_muon"]
     optimizer.help += " muon: megatron-muon's distributed Muon; nvidia_muon: megatron-core's built-in Muon."
 
-    group = parser.add_argument_group(title="megatron-muon")
-    group.add_argument("--no-muon-nesterov", action="store_false", dest="muon_nesterov",
-                       help="Plain momentum instead of the Nesterov look-ahead.")
-    group.add_argument("--muon-no-split-glu", action="store_false", dest="muon_split_glu", default=True,
-                       help="Orthogonalize a gated MLP's fused [gate; up] weight as one matrix.")
-    group.add_argument("--muon-ns-precision", default="bf16",
-                       help=f"Newton-Schulz GEMM operands: one of {list(PRECISIONS)} (default bf16; fp8 = e4m3, "
-                            f"row-wise scaled), or a schedule 'low>high' / 'low*k>high' (e.g. fp8>bf16: fp8 for the "
-                            f"first iterations, the measured split unless k is given).")
-    group.add_argument("--muon-ns-method", choices=list(METHODS), default="standard",
-                       help="Newton-Schulz on the matrix (standard), on its Gram matrix (gram: fewer FLOPs on "
-                            "rectangular matrices such as the MLP's), or gram where the aspect ratio pays (auto).")
     # muP: Megatron's --use-mup / --mup-base-hidden-size / --mup-base-head-dim stay the switch and the base model.
     group.add_argument("--mup-preset", choices=sorted(PRESETS), default=None,
                        help="Per-parameter muP rules (init, forward, LR, weight decay, Adam eps) on top of --use-mup: "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_muon.muon_config import MuonConfig
 from megatron_muon.pieces import Block, Rect, check_blocks_tile
 
 _QKV = re.compile(r"(^|\.)linear_qkv\.weight$")
@@ -37,8 +38,8 @@ _KV_PER_HEAD = re.compile(r"(^|\.)(linear_kv|linear_kv_up_proj)\.weight$")
 class LayoutOptions:
     """Which fused Megatron weights are orthogonalized as their parts (the paper) rather than as one matrix."""
 
-    split_qkv: bool = True
-    split_glu: bool = True
+    split_qkv: bool = MuonConfig.split_qkv
+    split_glu: bool = MuonConfig.split_glu
 
 
 Shapes = dict[str, tuple[int, int]]
