@@ -22,28 +22,16 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from megatron_muon.models.shapes import GPTShape  # noqa: E402  (torch only; megatron loads inside ranks)
+from megatron_muon.models.registry import BENCHMARK_SHAPES, get_model_config  # noqa: E402  (no megatron import)
+from megatron_muon.models.shapes import GPTShape, logical_matrices  # noqa: E402
 from megatron_muon.newton_schulz import newton_schulz_flops  # noqa: E402
 from megatron_muon.plan import LogicalMatrix, plan_orthogonalization  # noqa: E402
 
-SHAPE = GPTShape(num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=256)
-PAPER = GPTShape(num_layers=34, hidden_size=2560, num_attention_heads=20, num_query_groups=10, ffn_hidden_size=10240)
+SHAPE = BENCHMARK_SHAPES["distributed-step"]
+PAPER = get_model_config("3.67b").shape
 LAYOUTS = ((1, 4), (2, 2), (4, 1))
 OPTIMIZERS = ("ours", "ours distopt", "nvidia blockwise", "nvidia duplicated", "nvidia distributed", "adamw distopt")
 NS_STEPS = 5
-
-
-def _dims(shape: GPTShape) -> tuple[int, int, int, int]:
-    """hidden size, rows of Q, rows of K (and of V), ffn size."""
-    kv = shape.hidden_size // shape.num_attention_heads
-    return shape.hidden_size, shape.num_attention_heads * kv, shape.num_query_groups * kv, shape.ffn_hidden_size
-
-
-def logical_matrices(shape: GPTShape) -> dict[str, tuple[int, int]]:
-    """Every matrix Muon orthogonalizes on its own, as a torch weight [out, in]."""
-    h, q, g, f = _dims(shape)
-    layer = dict(q=(q, h), k=(g, h), v=(g, h), proj=(h, q), gate=(f, h), up=(f, h), fc2=(h, f))
-    return {f"{i}.{name}": s for i in range(shape.num_layers) for name, s in layer.items()}
 
 
 def one_copy_flops(shape: GPTShape) -> int:
@@ -120,15 +108,14 @@ def _counted(name: str, fn):
 
 
 def _install_counters() -> None:
-    import megatron.core.distributed.param_and_grad_buffer as buffers
+    # DDP's grad reduce-scatter and param all-gather (start_param_sync) call functions its buffer module bound
+    # when it was imported: patch torch.distributed before Megatron is, and they are counted too.
+    if "megatron.core.distributed.param_and_grad_buffer" in sys.modules:
+        raise RuntimeError("count collectives before megatron-core is imported, or DDP's grad sync goes uncounted")
     from emerging_optimizers.orthogonalized_optimizers import muon_utils
 
     for name in _COSTS:
         setattr(dist, name, _counted(name, getattr(dist, name)))
-    # DDP's grad reduce-scatter and param all-gather (start_param_sync) call functions bound at import time.
-    for attr in ("dist_all_gather_func", "dist_reduce_scatter_func"):
-        fn = getattr(buffers, attr)
-        setattr(buffers, attr, _counted(fn.__name__, fn))
 
     newton_schulz = muon_utils.newton_schulz
     signature = inspect.signature(newton_schulz)
@@ -159,11 +146,8 @@ def counting():
 
 
 # ---- measure: one process group per layout, every optimizer in turn -------------------------------------------
-def _optimizer(name: str, ddp):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
+def _optimizer_config(name: str):
     from megatron_muon.integration.flags import MuonOptimizerConfig
-    from megatron_muon.integration.optimizer import build_muon_optimizer
 
     common = dict(
         lr=5e-3, weight_decay=0.1, bf16=True, clip_grad=1.0, adam_beta1=0.95, adam_beta2=0.95, adam_eps=1e-8,
@@ -172,51 +156,37 @@ def _optimizer(name: str, ddp):
     )
     # Both Muons run Newton-Schulz in bf16, each one's default (NVIDIA's "medium" casts the iterate to bf16).
     if name.startswith("ours"):
-        return build_muon_optimizer(MuonOptimizerConfig(optimizer="muon", muon_ns_precision="bf16", **common), [ddp])
+        return MuonOptimizerConfig(optimizer="muon", muon_ns_precision="bf16", **common)
     if name.startswith("nvidia"):
-        config = OptimizerConfig(optimizer="muon", use_layer_wise_distributed_optimizer=True,
-                                 muon_tp_mode=name.split()[-1], muon_fp32_matmul_prec="medium", **common)
-    else:
-        config = OptimizerConfig(optimizer="adam", **common)
-    return get_megatron_optimizer(config, [ddp])
+        # Megatron's own wiring for it: layer-wise, with shard-aligned DDP buffers, so grads are reduce-scattered
+        # to whole-matrix owners.
+        return MuonOptimizerConfig(optimizer="nvidia_muon", use_layer_wise_distributed_optimizer=True,
+                                   muon_tp_mode=name.split()[-1], muon_fp32_matmul_prec="medium", **common)
+    return MuonOptimizerConfig(optimizer="adam", **common)
 
 
 def _run(name: str, tp: int, warmup: int, steps: int) -> dict:
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.training.training import wrap_model_chunks_with_ddp
-
-    from megatron_muon.integration.gpt import build_gpt
     from megatron_muon.integration.optimizer import step_stats
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import forward_backward, synthetic_batches
+    from megatron_muon.integration.training import Trainer, TrainingSetup, synthetic_batches
 
     with model_parallel(tensor_parallel=tp, seed=1234):
-        model = build_gpt(SHAPE, torch.bfloat16)
-        # Megatron's own wiring: for layer-wise it forces use_distributed_optimizer on the DDP and lays out
-        # shard-aligned buffers, so grads are reduce-scattered to whole-matrix owners.
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=name != "ours")
-        (ddp,) = wrap_model_chunks_with_ddp(
-            [model], model.config, ddp_config, use_layer_wise_distributed_optimizer=name.startswith("nvidia")
-        )
-        optimizer = _optimizer(name, ddp)
+        trainer = Trainer(TrainingSetup(SHAPE, _optimizer_config(name), torch.bfloat16))
+        dp_rank, _ = trainer.data_parallel
         records = []
         for step in range(warmup + steps):
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            forward_backward([ddp], synthetic_batches(SHAPE, 2, 1, 100 * step + ps.get_data_parallel_rank()), SHAPE)
+            trainer.forward_backward(synthetic_batches(SHAPE, 2, 1, 100 * step + dp_rank))
             with counting() as grad:
-                finalize_model_grads([ddp])
+                trainer.finalize_grads()
             dist.barrier()  # time the step alone, not peers still in backward
             with counting() as opt:
                 start = time.perf_counter()
-                ok, _, _ = optimizer.step()
+                ok = trainer.optimizer_step()
                 seconds = time.perf_counter() - start
             if not ok:
                 raise RuntimeError(f"step {step} was skipped (non-finite gradients)")
             if name.startswith("ours"):
-                opt["ns_flops"] = sum(stats.ns_flops for stats in step_stats(optimizer))
+                opt["ns_flops"] = sum(stats.ns_flops for stats in step_stats(trainer.optimizer))
             if step >= warmup:
                 records.append(dict(
                     step_sent=opt["sent"], step_received=opt["received"], step_by_kind=opt["sent_by_kind"],
@@ -285,7 +255,8 @@ def measure(args) -> dict:
 def megatron_weights(shape: GPTShape) -> dict[str, tuple[int, int, int]]:
     """Weights as NVIDIA's layer-wise optimizer hands them out (fused QKV and fc1), each with the NS FLOPs its
     `duplicated` mode runs: Q, K and V apart (muon_split_qkv), gate and up as one fused matrix (no GLU split)."""
-    h, q, g, f = _dims(shape)
+    h, f = shape.hidden_size, shape.ffn_hidden_size
+    q, g = shape.num_attention_heads * shape.head_dim, shape.num_query_groups * shape.head_dim
     ns = functools.partial(newton_schulz_flops, steps=NS_STEPS)
     layer = dict(qkv=(q + 2 * g, h, ns(q, h) + 2 * ns(g, h)), proj=(h, q, ns(h, q)), fc1=(2 * f, h, ns(2 * f, h)),
                  fc2=(h, f, ns(h, f)))

@@ -46,69 +46,31 @@ def gpt_shape(width: int, args):
     )
 
 
-def batches(tokens: torch.Tensor, micro_batch: int):
-    from megatron_muon.integration.training import Batch
-
-    return [
-        Batch(chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()) for chunk in tokens.split(micro_batch)
-    ]
-
-
 def train(parametrization: str, width: int, lr: float, data: dict, args) -> float:
     """Held-out loss after args.steps steps; inf if the run diverged."""
-    import megatron.core.optimizer as mcore_optimizer
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megatron_muon.integration import mup
     from megatron_muon.integration.flags import PAPER_ADAM_BETAS, MuonOptimizerConfig
-    from megatron_muon.integration.gpt import build_gpt
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import forward_backward
+    from megatron_muon.integration.training import LRSchedule, MupSetup, Trainer, TrainingSetup
     from megatron_muon.mup.rules import get_preset
 
-    shape = gpt_shape(width, args)
-    base = args.widths[0]
+    # head_dim is fixed across widths: muP keeps SP's 1/sqrt(head_dim) attention scale (Megatron's use_mup default
+    # is 1/head_dim), so the muP base model is the SP model of the same width.
+    mup = MupSetup(args.preset, args.widths[0]) if parametrization == "mup" else None
+    optimizer = MuonOptimizerConfig(
+        optimizer="muon", lr=lr, min_lr=0.1 * lr, weight_decay=args.wd, clip_grad=args.clip_grad,
+        adam_beta1=PAPER_ADAM_BETAS[0], adam_beta2=PAPER_ADAM_BETAS[1], muon_ns_precision="fp32",
+        muon_scale_mode=get_preset(args.preset).muon_scale_mode if mup else "essential",
+    )
+    # The scheduler writes each param group's own peak LR (muP's per-parameter max_lr / min_lr) and weight decay.
+    schedule = LRSchedule(decay_steps=args.steps, warmup_steps=max(1, args.steps // 10), style="cosine")
     with model_parallel(seed=args.seed):
-        torch.manual_seed(args.seed)
-        if parametrization == "mup":
-            # head_dim is fixed across widths: keep SP's 1/sqrt(head_dim) attention scale (Megatron's use_mup
-            # default is 1/head_dim), so the muP base model is the SP model of the same width.
-            fields = mup.transformer_config_fields(args.preset, base, width, args.head_dim)
-            model = build_gpt(shape, **fields)
-            mup.apply_mup([model], mup.MupSpec(args.preset, mup.base_widths(mup.target_widths(model.config), base)))
-            scale_mode = get_preset(args.preset).muon_scale_mode
-        else:
-            model = build_gpt(shape)
-            scale_mode = "essential"
-        ddp = DistributedDataParallel(
-            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
-        )
-        optimizer = mcore_optimizer.get_megatron_optimizer(
-            MuonOptimizerConfig(
-                optimizer="muon", lr=lr, min_lr=0.1 * lr, weight_decay=args.wd, clip_grad=args.clip_grad,
-                adam_beta1=PAPER_ADAM_BETAS[0], adam_beta2=PAPER_ADAM_BETAS[1], muon_scale_mode=scale_mode,
-                muon_ns_precision="fp32",
-            ),
-            [ddp],
-        )
-        # The scheduler writes each param group's own peak LR (muP's per-parameter max_lr / min_lr) and weight decay.
-        scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=lr, min_lr=0.1 * lr, lr_warmup_steps=max(1, args.steps // 10),
-            lr_decay_steps=args.steps, lr_decay_style="cosine", start_wd=args.wd, end_wd=args.wd,
-            wd_incr_steps=args.steps, wd_incr_style="constant",
-        )
+        trainer = Trainer(TrainingSetup(gpt_shape(width, args), optimizer, mup=mup, schedule=schedule, seed=args.seed))
         for step_batches in data["train"]:
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            loss = forward_backward([ddp], step_batches, shape)
-            if not math.isfinite(loss):
+            if not math.isfinite(trainer.forward_backward(step_batches)):
                 return math.inf
-            finalize_model_grads([ddp])
-            optimizer.step()
-            scheduler.step(increment=1)
-        held_out = forward_backward([ddp], data["held_out"], shape, forward_only=True)
+            trainer.finalize_grads()
+            trainer.optimizer_step()
+        held_out = trainer.evaluate(data["held_out"])
     return held_out if math.isfinite(held_out) else math.inf
 
 
@@ -117,20 +79,19 @@ def sweep(args) -> dict:
     a small run)."""
     import logging
 
-    import megatron_muon
+    from megatron_muon.integration.training import token_batches
     from megatron_muon.sweep.trial import markov_successors, sample_sequences
 
     # megatron-core warns that GPTModel is deprecated once per model built: that would bury the progress lines.
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
-    megatron_muon.install()
     successors = markov_successors(args.vocab, args.branching, seed=0)
     train_gen = torch.Generator().manual_seed(1)
     data = {
         "train": [
-            batches(sample_sequences(successors, args.batch, args.seq_length + 1, train_gen), args.micro_batch)
+            token_batches(sample_sequences(successors, args.batch, args.seq_length + 1, train_gen), args.micro_batch)
             for _ in range(args.steps)
         ],
-        "held_out": batches(
+        "held_out": token_batches(
             sample_sequences(successors, 64, args.seq_length + 1, torch.Generator().manual_seed(2)), args.micro_batch
         ),
     }

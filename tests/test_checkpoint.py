@@ -44,68 +44,58 @@ def _global_batch_slice(shape, step: int, dp_rank: int, dp_size: int):
     return batches[dp_rank * per_rank : (dp_rank + 1) * per_rank]
 
 
-def _dp_identical(ddp) -> bool:
+def _dp_identical(model) -> bool:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     group = ps.get_data_parallel_group()
-    flat = torch.cat([p.detach().float().flatten() for p in ddp.parameters()])
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
     dist.all_gather(replicas, flat, group=group)
     return all(torch.equal(r, replicas[0]) for r in replicas)
+
+
+def _sharded(trainer, is_loading: bool) -> dict:
+    """The model's and the optimizer's sharded state, as saved and as loaded."""
+    model_sd = trainer.models[0].sharded_state_dict()
+    return {"model": model_sd, "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading, metadata=META)}
 
 
 def _run(tp: int, pp: int, ckpt_dir: str, resume: bool, distributed: bool = True) -> dict:
     """resume=False: train TOTAL steps, saving after SAVE_AT. resume=True: load, then train the remaining steps."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_muon.integration.gpt import build_gpt
-    from megatron_muon.integration.optimizer import build_muon_optimizer
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import forward_backward
+    from megatron_muon.integration.training import Trainer, TrainingSetup
 
     out = {}
     shape = _model_shape()
     with model_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=1234):
-        model = build_gpt(shape, torch.float32)
+        tp_rank = ps.get_tensor_model_parallel_rank()
         # A resumed run starts from other weights: everything must come from the checkpoint.
-        _write_global(model, ps.get_tensor_model_parallel_rank(), tp, -3 if resume else -1, "weight")
-        ddp = DistributedDataParallel(
-            model.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed),
-            module=model,
+        trainer = Trainer(
+            TrainingSetup(shape, _optimizer_config(torch.float32, distributed)),
+            init_weights=lambda models: _write_global(models[0], tp_rank, tp, -3 if resume else -1, "weight"),
         )
-        optimizer = build_muon_optimizer(_optimizer_config(torch.float32, distributed), [ddp])
-
-        def sharded(is_loading):
-            model_sd = model.sharded_state_dict()
-            return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading, metadata=META)}
-
+        (model,) = trainer.models
         first = 0
         if resume:
-            loaded = dist_checkpointing.load(sharded(True), ckpt_dir)
+            loaded = dist_checkpointing.load(_sharded(trainer, True), ckpt_dir)
             model.load_state_dict(loaded["model"])
-            optimizer.load_state_dict(loaded["optimizer"])
-            out["dp_identical_after_load"] = _dp_identical(ddp)
+            trainer.optimizer.load_state_dict(loaded["optimizer"])
+            out["dp_identical_after_load"] = _dp_identical(model)
             first = SAVE_AT
-        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        dp_rank, dp_size = trainer.data_parallel
         for step in range(first, TOTAL):
             if not resume and step == SAVE_AT:
                 # torch_dist's writer starts a multiprocessing Manager; run_ranks' ranks are daemonic (so they
                 # die with the test), which multiprocessing forbids to have children. torchrun's ranks are not.
                 multiprocessing.current_process()._config["daemon"] = False
-                dist_checkpointing.save(sharded(False), ckpt_dir)
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            forward_backward([ddp], _global_batch_slice(shape, step, dp_rank, dp_size), shape)
-            finalize_model_grads([ddp])
-            ok, _, _ = optimizer.step()
-            assert ok
-        out["dp_identical"] = _dp_identical(ddp)
-        out["pieces"] = [dict(config="run", pieces=_logical_pieces(model, ps.get_tensor_model_parallel_rank(), tp))]
+                dist_checkpointing.save(_sharded(trainer, False), ckpt_dir)
+            trainer.step(_global_batch_slice(shape, step, dp_rank, dp_size))
+        out["dp_identical"] = _dp_identical(model)
+        out["pieces"] = [dict(config="run", pieces=_logical_pieces(model, tp_rank, tp))]
     return out
 
 
@@ -150,55 +140,46 @@ def test_replicated_state_resumes_on_another_layout(tmp_path):
     assert worst <= TOLERANCE, worst
 
 
-def _try_load(model, optimizer, ckpt_dir) -> str:
+def _try_load(trainer, ckpt_dir) -> str:
     """Load model + optimizer state from `ckpt_dir`: "loaded", or the error it raised."""
     from megatron.core import dist_checkpointing
 
     try:
-        model_sd = model.sharded_state_dict()
-        loaded = dist_checkpointing.load(
-            {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, True, metadata=META)}, ckpt_dir
-        )
-        optimizer.load_state_dict(loaded["optimizer"])
+        loaded = dist_checkpointing.load(_sharded(trainer, True), ckpt_dir)
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
     except BaseException as e:  # noqa: BLE001  (torch's CheckpointException is a BaseException)
         return f"{type(e).__name__}: {e}"
     return "loaded"
 
 
+def _tiny_trainer(config):
+    from megatron_muon.integration.training import Trainer, TrainingSetup
+    from megatron_muon.models.shapes import TINY
+
+    return Trainer(TrainingSetup(TINY, config))
+
+
+def _trained_one_step(config):
+    from megatron_muon.models.shapes import TINY
+
+    trainer = _tiny_trainer(config)
+    trainer.step(_global_batch_slice(TINY, 0, 0, 1))
+    return trainer
+
+
 def _load_adam_into_muon(ckpt_dir: str, distributed: bool) -> str:
     """Save Megatron's own Adam, then load that checkpoint into Muon: returns the error raised."""
-    import dataclasses
-
     from megatron.core import dist_checkpointing
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import get_megatron_optimizer
-
-    from megatron_muon.models.shapes import TINY
-    from megatron_muon.integration.gpt import build_gpt
-    from megatron_muon.integration.optimizer import build_muon_optimizer
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import forward_backward
 
     multiprocessing.current_process()._config["daemon"] = False
     config = _optimizer_config(torch.float32, distributed)
     with model_parallel(seed=1234):
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
-        model = build_gpt(TINY, torch.float32)
-        ddp = DistributedDataParallel(model.config, ddp_config, module=model)
-        adam = get_megatron_optimizer(dataclasses.replace(config, optimizer="adam"), [ddp])
         # One real step: Megatron's state init for torch's AdamW creates no `step`, which its checkpoint needs.
-        forward_backward([ddp], _global_batch_slice(TINY, 0, 0, 1), TINY)
-        finalize_model_grads([ddp])
-        assert adam.step()[0]
-        model_sd = model.sharded_state_dict()
-        dist_checkpointing.save({"model": model_sd, "optimizer": adam.sharded_state_dict(model_sd, metadata=META)}, ckpt_dir)
-
-        model = build_gpt(TINY, torch.float32)
-        ddp = DistributedDataParallel(model.config, ddp_config, module=model)
-        muon = build_muon_optimizer(config, [ddp])
-        return _try_load(model, muon, ckpt_dir)
+        adam = _trained_one_step(dataclasses.replace(config, optimizer="adam"))
+        dist_checkpointing.save(_sharded(adam, False), ckpt_dir)
+        return _try_load(_tiny_trainer(config), ckpt_dir)
 
 
 @pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "replicated-state"])
@@ -212,41 +193,19 @@ def test_adam_checkpoint_is_refused_by_muon(tmp_path, distributed):
 
 def _load_muon_into_adam(ckpt_dir: str, distributed: bool) -> str:
     """Save the plugin's Muon, then load that checkpoint into Megatron's own Adam: returns the error raised."""
-    import dataclasses
-
     from megatron.core import dist_checkpointing
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.models.shapes import TINY
-    from megatron_muon.integration.gpt import build_gpt
-    from megatron_muon.integration.optimizer import build_muon_optimizer
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import forward_backward
 
     multiprocessing.current_process()._config["daemon"] = False
     config = _optimizer_config(torch.float32, distributed)
     with model_parallel(seed=1234):
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
-
-        def one_step(build):
-            model = build_gpt(TINY, torch.float32)
-            ddp = DistributedDataParallel(model.config, ddp_config, module=model)
-            optimizer = build(ddp)
-            forward_backward([ddp], _global_batch_slice(TINY, 0, 0, 1), TINY)
-            finalize_model_grads([ddp])
-            assert optimizer.step()[0]
-            return model, optimizer
-
-        model, muon = one_step(lambda ddp: build_muon_optimizer(config, [ddp]))
-        model_sd = model.sharded_state_dict()
-        dist_checkpointing.save({"model": model_sd, "optimizer": muon.sharded_state_dict(model_sd, metadata=META)}, ckpt_dir)
-
+        muon = _trained_one_step(config)
+        dist_checkpointing.save(_sharded(muon, False), ckpt_dir)
         # One real Adam step first: megatron-core's Adam (torch's AdamW without Apex / TE) has no `step` state
         # before it, and its own state_dict asserts on that (so megatron.training cannot --load Adam on CPU at all).
-        model, adam = one_step(lambda ddp: get_megatron_optimizer(dataclasses.replace(config, optimizer="adam"), [ddp]))
-        return _try_load(model, adam, ckpt_dir)
+        adam = _trained_one_step(dataclasses.replace(config, optimizer="adam"))
+        return _try_load(adam, ckpt_dir)
 
 
 @pytest.mark.parametrize("distributed", [True, False], ids=["distributed-optimizer", "replicated-state"])

@@ -127,50 +127,41 @@ def _distributed_runs(tp: int, pp: int, configs=CONFIGS, steps: int = STEPS, sha
     """Every config of CONFIGS on this layout, in one process group (imports are the expensive part)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_muon.integration.gpt import build_gpt
-    from megatron_muon.integration.optimizer import build_muon_optimizer, step_stats
+    from megatron_muon.integration.optimizer import step_stats
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import forward_backward
+    from megatron_muon.integration.training import Trainer, TrainingSetup
 
     shape = _shape(shape_name)
     results = []
     for synthetic, (dtype_name, distributed, overlap) in itertools.product((True, False), configs):
         dtype = getattr(torch, dtype_name)
         with model_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=1234, expert_parallel=ep):
-            model = build_gpt(shape, dtype)
+            tp_rank = ps.get_tensor_model_parallel_rank()
             # Megatron draws each pipeline stage's weights from its own RNG stream, so PP=2 would start from a
             # different model than PP=1: start every layout from the same name-seeded weights instead.
-            _write_global(model, ps.get_tensor_model_parallel_rank(), tp, -1, "weight")
-            ddp = DistributedDataParallel(
-                model.config,
-                DistributedDataParallelConfig(
-                    grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed
-                ),
-                module=model,
+            trainer = Trainer(
+                TrainingSetup(shape, _optimizer_config(dtype, distributed), dtype, overlap_grad_reduce=overlap),
+                init_weights=lambda models: _write_global(models[0], tp_rank, tp, -1, "weight"),
             )
-            optimizer = build_muon_optimizer(_optimizer_config(dtype, distributed), [ddp])
-            dp_rank = ps.get_data_parallel_rank()
+            (model,) = trainer.models
+            dp_rank, _ = trainer.data_parallel
             orthogonalized, losses = [], []
             for step in range(steps):
-                ddp.zero_grad_buffer()
-                optimizer.zero_grad()
-                losses.append(forward_backward([ddp], _batches(shape, dp_rank, step), shape))
-                finalize_model_grads([ddp])
+                losses.append(trainer.forward_backward(_batches(shape, dp_rank, step)))
+                trainer.finalize_grads()
                 if synthetic:
-                    _write_global(model, ps.get_tensor_model_parallel_rank(), tp, step, "grad")
-                ok, _, _ = optimizer.step()
-                assert ok
+                    _write_global(model, tp_rank, tp, step, "grad")
+                assert trainer.optimizer_step()
                 # Expert matrices are per expert-parallel rank: name them by it.
                 ep_rank = ps.get_expert_model_parallel_rank()
                 orthogonalized.append(
-                    [(ep_rank, n) if "experts" in n else n for stats in step_stats(optimizer) for n in stats.orthogonalized]
+                    [(ep_rank, n) if "experts" in n else n
+                     for stats in step_stats(trainer.optimizer) for n in stats.orthogonalized]
                 )
             dp_identical = True
             for expert, group in ((False, ps.get_data_parallel_group()), (True, ps.get_expert_data_parallel_group())):
-                flat = torch.cat([p.detach().float().flatten() for p in ddp.parameters()
+                flat = torch.cat([p.detach().float().flatten() for p in model.parameters()
                                   if getattr(p, "allreduce", True) != expert] or [torch.zeros(0)])
                 replicas = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
                 dist.all_gather(replicas, flat, group=group)
@@ -178,7 +169,7 @@ def _distributed_runs(tp: int, pp: int, configs=CONFIGS, steps: int = STEPS, sha
             results.append(
                 dict(
                     config=(synthetic, dtype_name, distributed, overlap),
-                    pieces=_logical_pieces(model, ps.get_tensor_model_parallel_rank(), tp),
+                    pieces=_logical_pieces(model, tp_rank, tp),
                     dp_identical=dp_identical,
                     orthogonalized=orthogonalized,
                     stage=ps.get_pipeline_model_parallel_rank(),
@@ -226,7 +217,7 @@ def _reference_runs(dp_sizes, synthetic: bool, steps: int = STEPS, shape_name="t
                     for p, local, lp, at in views:
                         rect(lp, at).copy_(rect(p, local))
                 muon = Muon(list(logical.values()), lr=LR, weight_decay=WD, momentum=0.95, nesterov=True,
-                            coefficients="jordan", scale_mode="essential")
+                            coefficients="jordan", scale_mode="essential", ns_precision="fp32")
                 adam = torch.optim.AdamW(list(adam_masters.values()), lr=LR, weight_decay=WD, betas=(0.95, 0.95), eps=1e-8)
                 losses = []
                 for step in range(steps):

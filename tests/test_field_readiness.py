@@ -94,6 +94,7 @@ def test_cpu_example_honours_the_moe_flags():
     (["--use-torch-fsdp2"], r"--use-torch-fsdp2: FSDP \(ZeRO-3\).*megatron-muon's --optimizer muon"),
     (["--use-megatron-fsdp"], r"--use-megatron-fsdp: FSDP \(ZeRO-3\).*megatron-muon's --optimizer muon"),
     (["--num-distributed-optimizer-instances", "2"], r"--num-distributed-optimizer-instances 2: megatron-muon"),
+    (["--fp16"], r"--optimizer muon trains in bf16 or fp32; --fp16 is not supported"),
     (["--use-precision-aware-optimizer"], r"--use-precision-aware-optimizer: megatron-muon's --optimizer muon"),
     (["--optimizer-cpu-offload"], r"--optimizer-cpu-offload: megatron-muon's --optimizer muon"),
     (["--muon-scalar-optimizer", "lion"], r"--muon-scalar-optimizer lion: megatron-muon's --optimizer muon trains"),
@@ -192,3 +193,47 @@ def test_install_refuses_an_unsupported_release_before_patching_anything():
         result.stdout + result.stderr[-3000:]
     assert "installed: 0.21.0" in result.stdout
     assert "untouched True" in result.stdout
+
+
+# --- layouts through megatron.training beyond tests/test_launch.py's ----------------------------------------------
+
+
+@pytest.mark.multirank
+def test_replicated_optimizer_state_trains_over_dp2():
+    """Without --use-distributed-optimizer: Megatron's Float16OptimizerWithFloat16Params around the plugin."""
+    flags = [f for f in _with(TRAIN_FLAGS) if f != "--use-distributed-optimizer"]
+    result = _launch(*flags, ranks=2)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert re.search(r"^ +use_distributed_optimizer \.+ False$", result.stdout, re.M)
+    assert "megatron-muon: 14 dense logical matrices over 2 ranks (TP 1 x DP 2)" in result.stdout
+    assert all(math.isfinite(x) for x in _losses(result.stdout)) and len(_losses(result.stdout)) == 3
+
+
+@pytest.mark.multirank
+def test_moe_with_expert_parallel_2_trains_through_megatron_training():
+    result = _launch(*_with(TRAIN_FLAGS), "--num-experts", "4", "--moe-router-topk", "2",
+                     "--moe-token-dispatcher-type", "allgather", "--expert-model-parallel-size", "2", ranks=2)
+    assert result.returncode == 0, result.stdout[-5000:]
+    # Each EP rank holds 2 of the 4 experts: 2 layers x 2 experts x (gate, up, fc2) expert matrices, planned over
+    # the ranks holding the same experts; the router and attention stay dense over DP=2.
+    assert "megatron-muon: 12 expert logical matrices" in result.stdout, result.stdout[-5000:]
+    assert "megatron-muon: 10 dense logical matrices over 2 ranks (TP 1 x DP 2)" in result.stdout
+    assert all(math.isfinite(x) for x in _losses(result.stdout)) and len(_losses(result.stdout)) == 3
+
+
+def test_nvidia_muon_runs_the_same_update_under_megatron_cores_names():
+    """The plugin redefaults Megatron's --muon-* flags; --optimizer nvidia_muon gets them in its own vocabulary."""
+    from emerging_optimizers.orthogonalized_optimizers.muon import get_muon_scale_factor
+
+    from megatron_muon.integration.flags import MuonOptimizerConfig
+    from megatron_muon.integration.install import nvidia_muon_fields
+    from megatron_muon.muon import update_scale
+
+    fields = nvidia_muon_fields(MuonOptimizerConfig(optimizer="nvidia_muon", muon_extra_scale_factor=1.5))
+    assert fields == {"muon_coefficient_type": "simple", "muon_scale_mode": "spectral",
+                      "muon_extra_scale_factor": pytest.approx(0.3)}
+    for rows, cols in ((256, 1024), (1024, 256), (640, 640)):
+        nvidia = get_muon_scale_factor(rows, cols, mode=fields["muon_scale_mode"]) * fields["muon_extra_scale_factor"]
+        assert nvidia == pytest.approx(update_scale("essential", rows, cols, 1.5), rel=1e-12)
+    assert nvidia_muon_fields(MuonOptimizerConfig(optimizer="nvidia_muon", muon_coefficient_type="quintic",
+                                                  muon_scale_mode="spectral")) == {}

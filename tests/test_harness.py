@@ -16,50 +16,30 @@ def _train_tiny_gpt(tp: int, pp: int, dtype_name: str, distributed_optimizer: bo
     """Train the tiny GQA + gated-MLP GPT with Megatron's own Adam; report losses and DP consistency."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_muon.models.shapes import TINY
-    from megatron_muon.integration.gpt import build_gpt
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import forward_backward, synthetic_batches
+    from megatron_muon.integration.training import Trainer, TrainingSetup, synthetic_batches
+    from megatron_muon.models.shapes import TINY
 
     dtype = getattr(torch, dtype_name)
     with model_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=1234):
-        model = build_gpt(TINY, dtype)
-        ddp = DistributedDataParallel(
-            model.config,
-            DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=distributed_optimizer
-            ),
-            module=model,
+        optimizer = OptimizerConfig(
+            optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=dtype == torch.bfloat16,
+            use_distributed_optimizer=distributed_optimizer, clip_grad=1.0,
         )
-        optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam", lr=1e-2, weight_decay=0.01, bf16=dtype == torch.bfloat16,
-                use_distributed_optimizer=distributed_optimizer, clip_grad=1.0,
-            ),
-            [ddp],
-        )
-        dp_rank = parallel_state.get_data_parallel_rank()
-        losses = []
+        trainer = Trainer(TrainingSetup(TINY, optimizer, dtype, overlap_grad_reduce=overlap))
+        dp_rank, dp_size = trainer.data_parallel
         # A fixed set of batches per DP rank, so the loss must fall if training works at all.
         batches = synthetic_batches(TINY, micro_batch=2, count=2, seed=dp_rank)
-        for _ in range(STEPS):
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            losses.append(forward_backward([ddp], batches, TINY))
-            finalize_model_grads([ddp])
-            update_ok, _, _ = optimizer.step()
-            assert update_ok
-        flat = torch.cat([p.detach().float().flatten() for p in ddp.parameters()])
-        replicas = [torch.empty_like(flat) for _ in range(parallel_state.get_data_parallel_world_size())]
+        losses = [trainer.step(batches) for _ in range(STEPS)]
+        flat = torch.cat([p.detach().float().flatten() for p in trainer.models[0].parameters()])
+        replicas = [torch.empty_like(flat) for _ in range(dp_size)]
         dist.all_gather(replicas, flat, group=parallel_state.get_data_parallel_group())
         return dict(
             losses=losses,
             dp_identical=all(torch.equal(r, replicas[0]) for r in replicas),
-            dp_world=parallel_state.get_data_parallel_world_size(),
+            dp_world=dp_size,
             first_stage=parallel_state.is_pipeline_first_stage(),
         )
 

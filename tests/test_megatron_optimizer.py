@@ -9,38 +9,23 @@ import torch
 from megatron_muon.testing.ranks import run_ranks
 
 
-def _build(kind: str, distributed: bool, dtype=torch.float32, **config):
-    """A DDP-wrapped tiny GPT and the optimizer megatron-core's get_megatron_optimizer returns after install()."""
-    import megatron.core.optimizer as mcore_optimizer
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    import megatron_muon
+def _build(kind: str, distributed: bool, dtype=torch.float32, schedule=None, **config):
+    """The tiny GPT, DDP-wrapped, with the optimizer megatron-core's get_megatron_optimizer returns after install()."""
     from megatron_muon.integration.flags import MuonOptimizerConfig
+    from megatron_muon.integration.training import Trainer, TrainingSetup
     from megatron_muon.models.shapes import TINY
-    from megatron_muon.integration.gpt import build_gpt
 
-    megatron_muon.install()
-    model = build_gpt(TINY, dtype)
-    ddp = DistributedDataParallel(
-        model.config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed),
-        module=model,
-    )
     options = dict(optimizer=kind, lr=1e-3, bf16=dtype == torch.bfloat16, use_distributed_optimizer=distributed,
                    clip_grad=1.0, log_num_zeros_in_grad=True, **config)
-    return ddp, mcore_optimizer.get_megatron_optimizer(MuonOptimizerConfig(**options), [ddp])
+    return Trainer(TrainingSetup(TINY, MuonOptimizerConfig(**options), dtype, schedule=schedule))
 
 
-def _grads(ddp, step: int = 0):
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-
+def _grads(trainer, step: int = 0):
+    from megatron_muon.integration.training import synthetic_batches
     from megatron_muon.models.shapes import TINY
-    from megatron_muon.integration.training import forward_backward, synthetic_batches
 
-    ddp.zero_grad_buffer()
-    forward_backward([ddp], synthetic_batches(TINY, 2, 2, seed=10 * step + ps.get_data_parallel_rank()), TINY)
-    finalize_model_grads([ddp])
+    trainer.forward_backward(synthetic_batches(TINY, 2, 2, seed=10 * step + trainer.data_parallel[0]))
+    trainer.finalize_grads()
 
 
 def _semantics(distributed: bool) -> dict:
@@ -51,14 +36,15 @@ def _semantics(distributed: bool) -> dict:
 
     out = {}
     with model_parallel(seed=7):
-        ddp, adam = _build("adam", distributed)
-        _grads(ddp)
-        out["adam_step"] = adam.step()
+        adam = _build("adam", distributed)
+        _grads(adam)
+        out["adam_step"] = adam.optimizer.step()
     with model_parallel(seed=7):
-        ddp, muon = _build("muon", distributed, muon_ns_precision="fp32")
+        trainer = _build("muon", distributed, muon_ns_precision="fp32")
+        (model,), muon = trainer.models, trainer.optimizer
         inner = muon.chained_optimizers[0].optimizer
         out["routed_to_plugin"] = isinstance(inner, ShardedMuonAdamW)
-        _grads(ddp)
+        _grads(trainer)
         out["muon_step"] = muon.step()
         # Megatron's wrappers read one common `step` from the inner state (checkpoint metadata).
         state_dict = muon.state_dict()
@@ -69,18 +55,18 @@ def _semantics(distributed: bool) -> dict:
             inner.state[p]["momentum_buffer"].numel() for g in inner.param_groups if g["use_muon"] for p in g["params"]
         )
         out["muon_model_elements"] = sum(
-            p.numel() for n, p in ddp.module.named_parameters() if p.ndim == 2 and "embedding" not in n
+            p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embedding" not in n
         )
 
         # A non-finite gradient on one rank: every rank skips, and nothing changes.
-        _grads(ddp, step=1)
+        _grads(trainer, step=1)
         if ps.get_data_parallel_rank() == 0:
-            next(p for n, p in ddp.module.named_parameters() if "linear_fc2" in n).main_grad[0, 0] = float("nan")
-        before_params = [p.detach().clone() for p in ddp.parameters()]
+            next(p for n, p in model.named_parameters() if "linear_fc2" in n).main_grad[0, 0] = float("nan")
+        before_params = [p.detach().clone() for p in model.parameters()]
         before_state = {k: v.clone() for p in inner.state for k, v in inner.state[p].items() if torch.is_tensor(v)}
         before_main = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
         out["nan_step"] = muon.step()
-        out["params_unchanged"] = all(torch.equal(a, b.detach()) for a, b in zip(before_params, ddp.parameters()))
+        out["params_unchanged"] = all(torch.equal(a, b.detach()) for a, b in zip(before_params, model.parameters()))
         after_main = [p.detach() for g in inner.param_groups for p in g["params"]]
         out["main_unchanged"] = all(torch.equal(a, b) for a, b in zip(before_main, after_main))
         after_state = {k: v for p in inner.state for k, v in inner.state[p].items() if torch.is_tensor(v)}
@@ -89,22 +75,19 @@ def _semantics(distributed: bool) -> dict:
         )
     with model_parallel(seed=7):
         # Megatron's scheduler drives every group through the chain, with its lr / wd multipliers.
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron_muon.integration.training import LRSchedule
 
-        ddp, muon = _build("muon", distributed, muon_ns_precision="fp32", weight_decay=0.1)
-        scheduler = OptimizerParamScheduler(
-            muon, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=4, lr_decay_steps=10,
-            lr_decay_style="cosine", start_wd=0.1, end_wd=0.1, wd_incr_steps=10, wd_incr_style="constant",
-        )
-        scheduler.step(increment=2)
-        inner = muon.chained_optimizers[0].optimizer
+        trainer = _build("muon", distributed, muon_ns_precision="fp32", weight_decay=0.1,
+                         schedule=LRSchedule(decay_steps=10, warmup_steps=4, style="cosine"))
+        trainer.scheduler.step(increment=2)
+        inner = trainer.optimizer.chained_optimizers[0].optimizer
         out["scheduled_groups"] = [
             (g["use_muon"], g["lr"], g["weight_decay"], g["wd_mult"], sum(p.numel() for p in g["params"]))
             for g in inner.param_groups
         ]
     with model_parallel(seed=7):
         # NVIDIA's Muon on its plain (non-layer-wise) path: only the routing is under test here.
-        ddp, nvidia = _build("nvidia_muon", False, dtype=torch.bfloat16)
+        nvidia = _build("nvidia_muon", False, dtype=torch.bfloat16).optimizer
         out["nvidia_inner"] = type(nvidia).__name__ + "/" + "/".join(
             type(o).__name__ for o in getattr(nvidia, "chained_optimizers", [nvidia])
         )
@@ -170,7 +153,7 @@ def test_fp8_without_an_fp8_gemm_names_the_flag(monkeypatch):
 
     monkeypatch.delattr(torch, "_scaled_mm")
     with pytest.raises(RuntimeError, match="--muon-ns-precision fp8"):
-        validate_muon_config(_config(muon_ns_precision="fp8"))
+        validate_muon_config(_config(muon_ns_precision="fp8"), torch.device("cpu"))
 
 
 # --- flags ----------------------------------------------------------------------------------------------------
@@ -191,7 +174,7 @@ def _parse(monkeypatch, *flags):
 def test_muon_flags_default_to_the_papers_recipe(monkeypatch):
     args = _parse(monkeypatch, "--optimizer", "muon")
     assert (args.muon_momentum, args.muon_nesterov, args.muon_num_ns_steps) == (0.95, True, 5)
-    assert (args.muon_coefficient_type, args.muon_scale_mode, args.muon_extra_scale_factor) == ("simple", "essential", 1.0)
+    assert (args.muon_coefficient_type, args.muon_scale_mode, args.muon_extra_scale_factor) == ("jordan", "essential", 1.0)
     assert (args.muon_split_qkv, args.muon_split_glu, args.muon_ns_precision) == (True, True, "bf16")
     assert (args.adam_beta1, args.adam_beta2) == (0.95, 0.95)
 

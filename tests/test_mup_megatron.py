@@ -31,7 +31,7 @@ def _target(**changes):
     )
 
 
-def _build(shape, preset: str | None, base_hidden: int = 64, optimizer: str = "muon", **base):
+def _build(shape, preset: str | None, base_hidden: int = 64, **base):
     """The model under the current parallel state; with a preset, muP applied with a base of `base_hidden`."""
     from megatron_muon.integration.gpt import build_gpt
     from megatron_muon.integration.mup import MupSpec, apply_mup, base_widths, target_widths, transformer_config_fields
@@ -40,7 +40,7 @@ def _build(shape, preset: str | None, base_hidden: int = 64, optimizer: str = "m
         return build_gpt(shape, torch.float32), None
     head_dim = shape.hidden_size // shape.num_attention_heads
     model = build_gpt(shape, torch.float32, **transformer_config_fields(preset, base_hidden, shape.hidden_size, head_dim))
-    spec = MupSpec(preset, base_widths(target_widths(model.config), base_hidden, **base), optimizer)
+    spec = MupSpec(preset, base_widths(target_widths(model.config), base_hidden, **base))
     return model, apply_mup([model], spec)
 
 
@@ -161,32 +161,25 @@ def test_tp2_gives_the_tp1_multipliers_and_init(preset):
 
 def _param_groups(optimizer_name: str, preset: str):
     """(lr_mult, eps_mult, wd_mult) the built optimizer's groups give each parameter, and its rule's."""
-    import megatron_muon
-
-    megatron_muon.install()  # before importing get_megatron_optimizer: the hooked one routes muon and adds muP
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import get_megatron_optimizer
-
     from megatron_muon.integration.flags import MuonOptimizerConfig
     from megatron_muon.integration.optimizer import _main_param_ranges
     from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import MupSetup, Trainer, TrainingSetup
 
     with model_parallel(tensor_parallel=1, seed=3):
-        model, rules = _build(_target(tie_embeddings=False), preset, optimizer="muon" if optimizer_name == "muon" else "adam")
-        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=True), module=model)
         config = MuonOptimizerConfig(optimizer=optimizer_name, lr=LR, min_lr=MIN_LR, weight_decay=0.1, adam_eps=EPS,
                                      use_distributed_optimizer=True, muon_ns_precision="fp32")
-        optimizer = get_megatron_optimizer(config, [ddp])
-        names = {p: n for n, p in model.named_parameters()}
+        trainer = Trainer(TrainingSetup(_target(tie_embeddings=False), config, mup=MupSetup(preset, base_hidden=64)))
+        names = {p: n for n, p in trainer.models[0].named_parameters()}
         seen = {}
-        for inner in optimizer.chained_optimizers:
+        for inner in trainer.optimizer.chained_optimizers:
             model_of_main = {id(main): p for p, (main, _, _) in _main_param_ranges(inner, distributed=True).items()}
             for group in inner.optimizer.param_groups:
                 for main in group["params"]:
                     model_param = model_of_main[id(main)]
                     seen[names[model_param]] = (group["max_lr"] / LR, group["min_lr"] / MIN_LR,
                                                 group.get("eps", EPS) / EPS, group.get("wd_mult", 1.0))
-        return seen, {n: dataclasses.asdict(r) for n, r in rules.items()}
+        return seen, {n: dataclasses.asdict(r) for n, r in trainer.mup_rules.items()}
 
 
 @pytest.mark.parametrize("optimizer_name,preset", [("muon", "essential"), ("muon", "spectral"), ("adam", "spectral")])

@@ -16,6 +16,16 @@ With `use_distributed_optimizer` use Megatron's `fully_reshardable` format (`met
 PP (any DP). megatron-core 0.19.2's default `fully_sharded_model_space` fails for Adam as well ("ShardedTensor.flattened_range
 is not supported").
 
+MoE (`MuonChainedOptimizer`): megatron-core chains a dense and an expert optimizer under expert-parallel size > 1
+and one optimizer under EP = 1, where expert weights are dense weights. The chain keys the tensors without Megatron's
+`chained_<i>.` prefix (as megatron.training's metadata asks, `chained_optim_avoid_prefix`) and, given a checkpoint of
+another chain, hands each optimizer the saved param groups it continues: `fully_reshardable` and replicated-state
+checkpoints resume under another EP size (EP=2 <-> EP=1 tested, tests/test_checkpoint_moe.py). Megatron's own
+Adam cannot (`KeyError: 'optimizer'` for EP=2 -> EP=1, "Expected 2 entries in state dict, but got 4" for EP=1 ->
+EP=2). `dp_reshardable` keys its state by chain position (bucket space): same EP, TP and PP only. An explicit
+`chained_optim_avoid_prefix=False` keeps megatron-core's prefixed keys (its default for direct `dist_checkpointing`
+callers), for checkpoints saved that way: those too resume under their own EP size only.
+
 How it fits Megatron's machinery (`MuonDistributedOptimizer`): the DP-zero gather behind `fully_reshardable` and
 `dp_reshardable` copies the same state keys (`optimizer_state_keys`, ("exp_avg", "exp_avg_sq")) for every
 parameter into one flat buffer per key. So the get/set hooks present a Muon param's momentum as `exp_avg` and an
@@ -42,19 +52,26 @@ then `optimizer.state.<state key>.<model key>` as in Megatron (`momentum_buffer`
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import merge
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
     optim_state_to_sharding_state,
 )
+from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
 MUON_GROUP, ADAM_GROUP = "muon", "adamw"
 _MOMENTUM = "momentum_buffer"
 _PREFIX = "optimizer.state."
+# Where MuonChainedOptimizer keeps what this layout asks the checkpoint for, apart from the saved chain's structure.
+_REQUESTED = "megatron_muon.requested"
 
 
 def check_saved_groups(saved_groups: list[dict]) -> None:
@@ -217,9 +234,103 @@ def replicated_load_state_dict(wrapper, load, state_dict) -> None:
     _restore_group_steps(wrapper.optimizer)
 
 
+class MuonChainedOptimizer(ChainedOptimizer):
+    """Megatron's ChainedOptimizer over the plugin's wrappers, whose checkpoints resume under another EP size.
+
+    megatron-core tags expert weights `allreduce=False` only when they need expert process groups (EP > 1, or an
+    expert TP other than TP); otherwise they are ordinary dense weights. So EP > 1 chains a dense and an expert
+    optimizer, EP = 1 one optimizer holding both, and Megatron's ChainedOptimizer saves one state dict per
+    optimizer ({0: dense, 1: expert}) or the lone optimizer's own: loading either into the other chain fails
+    (`KeyError: 'optimizer'`, or "Expected 2 entries in state dict"). Here, the tensors are keyed by model keys
+    without the `chained_<i>.` prefix, which therefore do not depend on the chain, and a checkpoint from another
+    chain is loaded by giving each optimizer the saved param groups it needs (`regroup`).
+    """
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+        # Megatron keeps the prefix for bucket-space formats (dp_reshardable), whose object keys would collide. An
+        # explicit False still loads a checkpoint saved with prefixed keys, under its own EP size.
+        kwargs["metadata"] = {"chained_optim_avoid_prefix": True, **(kwargs.get("metadata") or {})}
+        state = super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs)
+        if not is_loading:
+            return state
+        # dist_checkpointing.load returns the saved (common) structure with the tensors loaded into this request
+        # merged in; kept under a key of its own, the two stay apart even when the chains differ.
+        chain = self.chained_optimizers
+        return {_REQUESTED: {0: state} if len(chain) == 1 else {i: state[i] for i in range(len(chain))}}
+
+    def load_state_dict(self, state_dict):
+        if _REQUESTED not in state_dict:  # not from dist_checkpointing (e.g. megatron.training's torch format)
+            super().load_state_dict(state_dict)
+            return
+        requested = state_dict[_REQUESTED]
+        saved = {k: v for k, v in state_dict.items() if k != _REQUESTED}
+        # A chain of several optimizers saves one state dict each under 0, 1, ...; a chain of one its own.
+        saved = [saved[i] for i in range(len(saved))] if 0 in saved else [saved]
+        chain = self.chained_optimizers
+        if len(saved) == len(chain):
+            states = [merge(s, requested[i]) for i, s in enumerate(saved)]
+        else:
+            layout = (
+                f"resuming under expert-parallel size {parallel_state.get_expert_model_parallel_world_size()} "
+                f"({len(chain)} chained optimizer(s)) from a checkpoint of {len(saved)}"
+            )
+            states = [_state_from_another_chain(o, saved, requested[i], layout) for i, o in enumerate(chain)]
+        for optimizer, state in zip(chain, states):
+            optimizer.load_state_dict(state)
+        self._synchronize_steps()
+
+
+def _identity(group: dict) -> tuple:
+    """Megatron's identifier of a param group (`param_group_identifier_keys`, NeMo's `pre_` aliases included),
+    without `is_expert_parallel`: the one identifier an expert-parallel size changes."""
+    return tuple(group.get(k, group.get(f"pre_{k}")) for k in param_group_identifier_keys if k != "is_expert_parallel")
+
+
+def regroup(current_groups: list[dict], saved_groups: list[dict], layout: str) -> list[dict]:
+    """For each current param group, the saved one (params left out) it continues, from any optimizer of the saved
+    chain: dense and expert groups are one group under EP = 1 and two under EP > 1, told apart only by
+    `is_expert_parallel`. Saved groups merged into one must agree on every value (lr, weight decay, step, ...)."""
+    out = []
+    for group in current_groups:
+        matches = [g for g in saved_groups if _identity(g) == _identity(group)]
+        if not matches:
+            raise ValueError(
+                f"megatron-muon: {layout}: the checkpoint has no param group for "
+                f"{dict(zip((k for k in param_group_identifier_keys if k != 'is_expert_parallel'), _identity(group)))}"
+            )
+        fields = {k for g in matches for k in g} - {"params", "is_expert_parallel"}
+        differ = sorted(k for k in fields if any(g.get(k) != matches[0].get(k) for g in matches))
+        if differ:
+            raise ValueError(
+                f"megatron-muon: {layout}: the checkpoint's dense and expert param groups that become one group "
+                f"here differ in {differ}; resume under the expert-parallel size it was saved with"
+            )
+        out.append({**{k: v for k, v in matches[0].items() if k != "params"},
+                    "is_expert_parallel": group["is_expert_parallel"]})
+    return out
+
+
+def _state_from_another_chain(optimizer, saved: list[dict], requested: dict, layout: str) -> dict:
+    """`optimizer`'s state dict from a checkpoint whose chain had another number of optimizers: its tensors as
+    loaded for this layout, its param groups regrouped from all saved optimizers, the rest from the dense one."""
+    groups = regroup(optimizer.optimizer.param_groups, [g for s in saved for g in s["optimizer"]["param_groups"]],
+                     layout)
+    dense = saved[0]
+    # The replicated wrapper's main params of fp16 / bf16 models come with the requested tensors (the saved list
+    # follows the saved groups), and so do its groups' param ids (megatron-core does not persist them).
+    base = copy.deepcopy({k: v for k, v in dense.items() if k != "fp32_from_fp16_params"})  # merge writes into it
+    base["optimizer"]["param_groups"] = groups
+    state = merge(base, requested)
+    if not isinstance(optimizer, DistributedOptimizer):
+        # No fp16 / bf16 params (an fp32 model): nothing of the main params was requested.
+        state.setdefault("fp32_from_fp16_params", [])
+    return state
+
+
 __all__ = [
     "ADAM_GROUP",
     "MUON_GROUP",
+    "MuonChainedOptimizer",
     "MuonDistributedOptimizer",
     "check_saved_groups",
     "replicated_load_state_dict",

@@ -4,7 +4,7 @@ dataset config and GPTDatasets megatron.core reads it back with. `data/` stays f
 Written against megatron-core 0.19.2. Symbols touched:
 
 * `megatron.core.datasets.indexed_dataset`: `DType.optimal_dtype`, `IndexedDatasetBuilder` (`add_document`,
-  `finalize`), `get_bin_path`, `get_idx_path`;
+  `finalize`), `get_bin_path`, `get_idx_path`, `IndexedDataset` (`len`, indexing);
 * `megatron.core.tokenizers.MegatronTokenizer.from_pretrained` with `metadata_path={"library": "sentencepiece"}`;
 * `megatron.core.datasets.gpt_dataset`: `GPTDatasetConfig` (`blend_per_split`, `path_to_cache` and the fields
   set below), `GPTDataset`;
@@ -34,6 +34,14 @@ def write_indexed_dataset(prefix: str | os.PathLike, documents: Iterable[Sequenc
         tokens += len(ids)
     builder.finalize(get_idx_path(str(prefix)))
     return tokens
+
+
+def read_indexed_dataset(prefix: str | os.PathLike) -> np.ndarray:
+    """Every document of `prefix`.bin / `prefix`.idx, concatenated in order."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(str(prefix))
+    return np.concatenate([dataset[i] for i in range(len(dataset))])
 
 
 def load_tokenizer(tokenizer_model: str):

@@ -80,12 +80,26 @@ def install() -> None:
         if config.optimizer != "nvidia_muon":
             return build(config)
         with _nvidia_muon():
-            return build(dataclasses.replace(config, optimizer="muon"))
+            return build(dataclasses.replace(config, optimizer="muon", **nvidia_muon_fields(config)))
 
     mcore_optimizer._get_megatron_emerging_optimizer = _get_megatron_emerging_optimizer
     mcore_optimizer.get_megatron_optimizer = get_megatron_optimizer
     _install_training_hooks(get_megatron_optimizer)
     _installed = True
+
+
+def nvidia_muon_fields(config) -> dict:
+    """The plugin's flag values in megatron-core's Muon vocabulary, so a flag means the same update for both.
+
+    megatron-core knows Jordan's coefficients as "simple" and has no "essential" scale mode; the paper's
+    0.2 sqrt(max(m, n)) is its "spectral" sqrt(max(m, n)) with the extra factor 0.2.
+    """
+    fields = {}
+    if config.muon_coefficient_type == "jordan":
+        fields["muon_coefficient_type"] = "simple"
+    if config.muon_scale_mode == "essential":
+        fields.update(muon_scale_mode="spectral", muon_extra_scale_factor=0.2 * config.muon_extra_scale_factor)
+    return fields
 
 
 @contextlib.contextmanager

@@ -6,9 +6,10 @@
 fp32 main params (a DP shard each with the distributed optimizer, so optimizer memory falls ~1/DP), copying
 grads out of the DDP buffers, clipping and grad-norm reporting, zero counting, writing params back and
 all-gathering them over DP. Inside runs `ShardedMuonAdamW` (runtime/distributed_muon.py). Checkpoints go through
-Megatron's `dist_checkpointing` (megatron/checkpoint.py): with the distributed optimizer the wrapper is
+Megatron's `dist_checkpointing` (integration/checkpoint.py): with the distributed optimizer the wrapper is
 `MuonDistributedOptimizer`, a `DistributedOptimizer` whose state hooks present the Muon momentum to Megatron's
-reshardable formats.
+reshardable formats; the chain is `MuonChainedOptimizer`, a `ChainedOptimizer` whose checkpoints also resume
+under another expert-parallel size (which changes how many optimizers it chains).
 
 Non-finite gradients skip the step with no state change: Megatron only checks for them when a grad scaler
 exists, so the wrapper always gets one (a constant scale of 1 unless `loss_scale` says otherwise).
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_standard_config_overrides
+from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
 from megatron.core.optimizer import _get_param_groups
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
@@ -35,11 +36,12 @@ from megatron.core.utils import get_pg_rank, log_single_rank
 from megatron_muon.integration.checkpoint import (
     ADAM_GROUP,
     MUON_GROUP,
+    MuonChainedOptimizer,
     MuonDistributedOptimizer,
     replicated_load_state_dict,
     replicated_sharded_state_dict,
 )
-from megatron_muon.integration.flags import MuonOptimizerConfig, validate_muon_config
+from megatron_muon.integration.flags import validate_muon_config
 from megatron_muon.integration.layouts import LayoutOptions, logical_shapes, matrix_blocks
 from megatron_muon.integration.mup import mup_config_overrides
 from megatron_muon.muon import is_muon_matrix
@@ -48,30 +50,10 @@ from megatron_muon.runtime.distributed_muon import (
     Holding,
     LocalWeight,
     ShardedMuonAdamW,
-    MuonSettings,
     StepStats,
 )
 
 logger = logging.getLogger(__name__)
-
-
-def muon_settings(config: OptimizerConfig) -> MuonSettings:
-    return MuonSettings(
-        momentum=config.muon_momentum,
-        nesterov=config.muon_nesterov,
-        ns_steps=config.muon_num_ns_steps,
-        coefficients=config.muon_coefficient_type,
-        precision=getattr(config, "muon_ns_precision", MuonOptimizerConfig.muon_ns_precision),
-        ns_method=getattr(config, "muon_ns_method", MuonOptimizerConfig.muon_ns_method),
-        scale_mode=config.muon_scale_mode,
-        extra_scale_factor=config.muon_extra_scale_factor,
-    )
-
-
-def layout_options(config: OptimizerConfig) -> LayoutOptions:
-    return LayoutOptions(
-        split_qkv=config.muon_split_qkv, split_glu=getattr(config, "muon_split_glu", MuonOptimizerConfig.muon_split_glu)
-    )
 
 
 @dataclass(frozen=True)
@@ -153,10 +135,11 @@ def build_muon_optimizer(
     config_overrides: dict | None = None,
     use_gloo_process_groups: bool = True,
     pg_collection: ProcessGroupCollection | None = None,
-) -> ChainedOptimizer:
-    validate_muon_config(config)
-    settings = muon_settings(config)
-    options = layout_options(config)
+) -> MuonChainedOptimizer:
+    # Newton-Schulz runs where the weights are: Megatron has placed the model on this rank's device by now.
+    device = next(p.device for chunk in model_chunks for p in chunk.parameters())
+    settings = validate_muon_config(config, device)
+    options = LayoutOptions(split_qkv=settings.split_qkv, split_glu=settings.split_glu)
     overrides = get_standard_config_overrides(config) if config_overrides is None else config_overrides
     # Parameters tagged by megatron_muon.integration.mup.apply_mup carry their LR / WD / eps multipliers.
     overrides = {**overrides, **mup_config_overrides(config, model_chunks)}
@@ -182,7 +165,7 @@ def build_muon_optimizer(
             groups.append({**group, "params": muon, "use_muon": True, "optimizer": MUON_GROUP})
             groups.append({**group, "params": adam, "use_muon": False, "optimizer": ADAM_GROUP})
         wrappers.append(_wrap(config, domain, groups, model_chunks, names, settings, options))
-    return ChainedOptimizer(wrappers)
+    return MuonChainedOptimizer(wrappers)
 
 
 def _wrap(config, domain: _Domain, groups, model_chunks, names, settings, options):
@@ -305,5 +288,5 @@ def _bind(inner, wrapper, model_chunks, names, settings, options, distributed: b
         logger, logging.INFO,
         f"megatron-muon: {len(plan.home)} {'expert' if domain.expert else 'dense'} logical matrices over "
         f"{dist.get_world_size(domain.group)} ranks (TP {domain.tp_size} x DP {domain.dp_size}), each orthogonalized "
-        f"once; Newton-Schulz FLOPs max/mean over ranks {plan.imbalance:.3f}; {settings}",
+        f"once; Newton-Schulz FLOPs max/mean over ranks {plan.imbalance:.3f}; {step.settings}",
     )

@@ -308,54 +308,24 @@ def measure_one(config: CoordCheckConfig, parametrization: str, width: int, seed
 
     Needs a torch.distributed process group (one gloo rank is enough).
     """
-    import megatron.core.optimizer as mcore_optimizer
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    import megatron_muon
-    from megatron_muon.integration import mup
-    from megatron_muon.integration.gpt import build_gpt
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import forward_backward, synthetic_batches
+    from megatron_muon.integration.training import LRSchedule, MupSetup, Trainer, TrainingSetup, synthetic_batches
 
-    megatron_muon.install()
     shape = config.shape(width)
-    is_mup = parametrization == "mup"
+    mup = MupSetup(config.preset, config.base_width) if parametrization == "mup" else None
     with model_parallel(seed=seed):
-        torch.manual_seed(seed)
-        fields = {}
-        if is_mup:
-            fields = mup.transformer_config_fields(config.preset, config.base_width, width, config.head_dim)
-        model = build_gpt(shape, torch.float32, **fields)
-        if is_mup:
-            base = mup.base_widths(mup.target_widths(model.config), config.base_width)
-            mup.apply_mup([model], mup.MupSpec(config.preset, base, "adam" if config.optimizer == "adamw" else "muon"))
-        recorder = _Recorder(model)
-        ddp = DistributedDataParallel(
-            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
-        )
-        optimizer = mcore_optimizer.get_megatron_optimizer(_optimizer_config(config, parametrization), [ddp])
         # The scheduler is what writes each param group's own lr (muP's max_lr) and weight decay (wd_mult).
-        OptimizerParamScheduler(
-            optimizer, init_lr=config.lr, max_lr=config.lr, min_lr=config.lr, lr_warmup_steps=0,
-            lr_decay_steps=config.steps, lr_decay_style="constant", start_wd=config.weight_decay,
-            end_wd=config.weight_decay, wd_incr_steps=config.steps, wd_incr_style="constant",
-        )
+        trainer = Trainer(TrainingSetup(shape, _optimizer_config(config, parametrization), mup=mup,
+                                        schedule=LRSchedule(decay_steps=config.steps), seed=seed))
+        recorder = _Recorder(trainer.models[0])
         batch = synthetic_batches(shape, config.micro_batch, 1, seed=seed + 1)
         for step in range(config.steps):
             recorder.step = step
-            ddp.zero_grad_buffer()
-            optimizer.zero_grad()
-            forward_backward([ddp], batch, shape)
-            finalize_model_grads([ddp])
             before = recorder.snapshot()
-            ok, _, _ = optimizer.step()
-            if not ok:
-                raise FloatingPointError(f"{parametrization} width {width}: non-finite gradient at step {step}")
+            trainer.step(batch)
             recorder.step = step + 1
             recorder.record_updates(before)
-        forward_backward([ddp], batch, shape, forward_only=True)
+        trainer.evaluate(batch)
     return recorder.rows
 
 

@@ -23,22 +23,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_muon.muon import adamw_update_, apply_muon_update_, muon_direction, update_scale
-from megatron_muon.newton_schulz import check_precision, orthogonalize
+from megatron_muon.muon_config import MuonConfig
+from megatron_muon.newton_schulz import check_precision, orthogonalize, precision_schedule
 from megatron_muon.pieces import Block, pieces_of
 from megatron_muon.plan import LogicalMatrix, OrthogonalizationPlan, plan_orthogonalization
 from megatron_muon.runtime.exchange import Flat, Route, RouteTable, run_exchange
-
-
-@dataclass(frozen=True)
-class MuonSettings:
-    momentum: float = 0.95
-    nesterov: bool = True
-    ns_steps: int = 5
-    coefficients: str = "jordan"
-    precision: str = "fp32"
-    ns_method: str = "standard"  # "standard" | "gram" | "auto" (newton_schulz.resolve_method)
-    scale_mode: str = "essential"
-    extra_scale_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +63,30 @@ class StepStats:
     orthogonalized: list[str] = field(default_factory=list)
 
 
+def wire_dtype(settings: MuonConfig) -> torch.dtype:
+    """The dtype pieces travel in: no coarser than the finest Newton-Schulz GEMM that reads them.
+
+    bf16 and fp8 iterations round their input to bf16 (fp8 quantizes from it), so bf16 pieces lose nothing and
+    halve the traffic. fp32 and fp16 iterations would lose accuracy to a bf16 wire; fp16 pieces are not an option
+    either, since raw momentum can sit below fp16's range (gradients of 1e-8 flush to 0): only the home rank's
+    Frobenius normalization brings them into it. So those travel in fp32.
+    """
+    method = "standard" if settings.ns_method == "auto" else settings.ns_method
+    used = set(precision_schedule(settings.ns_precision, settings.ns_steps, settings.coefficients, method))
+    return torch.float32 if used & {"fp32", "fp16"} else torch.bfloat16
+
+
+def group_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where this rank's exchange buffers and stacks live: the device the group's backend communicates on.
+
+    Never the device of whichever tensor happens to be local: a rank whose shard holds no Muon element still sends,
+    receives and orthogonalizes, and NCCL rejects CPU buffers.
+    """
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class DistributedMuonStep:
     """The routing of one rank, derived once from every rank's holdings (the same list on every rank)."""
 
@@ -83,13 +96,12 @@ class DistributedMuonStep:
         shapes: dict[str, tuple[int, int]],
         holdings: list[list[Holding]],
         group: dist.ProcessGroup | None,
-        settings: MuonSettings,
+        settings: MuonConfig,
     ):
         self.settings = settings
         self.group = group
-        # Pieces travel in bf16 unless Newton-Schulz runs in fp32: its first GEMM rounds them to bf16 anyway,
-        # and the returned update is already bf16-accurate, so fp32 would double the traffic for nothing.
-        self.wire_dtype = torch.float32 if settings.precision == "fp32" else torch.bfloat16
+        self.wire_dtype = wire_dtype(settings)
+        self.device = group_device(group)
         self.me = dist.get_rank(group)
         world = dist.get_world_size(group)
         if len(holdings) != world:
@@ -134,16 +146,16 @@ class DistributedMuonStep:
         self.scatter = RouteTable(*scatter, self.me)
         self.my_stacks = [s for s in self.plan.stacks if s.home == self.me]
 
-    def __call__(self, directions: dict[str, Flat], updates: dict[str, Flat], device: torch.device) -> StepStats:
+    def __call__(self, directions: dict[str, Flat], updates: dict[str, Flat]) -> StepStats:
         """Orthogonalize: pieces of U in `directions` -> pieces of scale * O written into `updates`."""
-        s = self.settings
+        s, device = self.settings, self.device
         # Each stack's matrices are assembled straight into one [n, rows, cols] tensor: no copy before NS.
         stacked = [torch.zeros(len(st.names), st.rows, st.cols, dtype=torch.float32, device=device) for st in self.my_stacks]
         homed = {name: t[i] for st, t in zip(self.my_stacks, stacked) for i, name in enumerate(st.names)}
         run_exchange(self.gather, directions, homed, self.group, self.wire_dtype, device)
         stats = StepStats()
         for stack, matrices in zip(self.my_stacks, stacked):
-            ortho = orthogonalize(matrices, s.ns_steps, s.coefficients, s.precision, method=s.ns_method)
+            ortho = orthogonalize(matrices, s.ns_steps, s.coefficients, s.ns_precision, method=s.ns_method)
             ortho.mul_(update_scale(s.scale_mode, stack.rows, stack.cols, s.extra_scale_factor))
             homed.update(zip(stack.names, ortho))
             stats.ns_flops += stack.flops
@@ -165,7 +177,7 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
     def __init__(
         self,
         param_groups: list[dict],
-        settings: MuonSettings,
+        settings: MuonConfig,
         lr: float,
         weight_decay: float,
         adam_betas=(0.95, 0.95),
@@ -177,11 +189,13 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
         # Groups without their own lr / weight_decay use these until a scheduler sets them (as in Megatron); a
         # group's own `eps` (muP's per-parameter override) wins over adam_eps.
         super().__init__(param_groups, dict(lr=lr, weight_decay=weight_decay))
-        check_precision(settings.precision)
+        check_precision(settings.ns_precision)
         self.settings = settings
         self.adam_betas = tuple(adam_betas)
         self.adam_eps = adam_eps
         self.last_step = StepStats()
+        self.skipped = False  # the last step's orthogonalized update was not finite somewhere: nothing applied
+        self._pending = None
         self._routing: DistributedMuonStep | None = None
         self._where: dict[torch.Tensor, tuple[str, int, int]] = {}
 
@@ -211,26 +225,71 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Muon and AdamW over every group, or nothing at all if any rank's orthogonalized update is not finite.
+
+        Megatron skips a step whose gradients are not finite; an update can still turn non-finite inside
+        Newton-Schulz (an overflowing low-precision GEMM). Applying it would poison the weights and, once saved,
+        the checkpoints, so it is treated like a non-finite gradient: every rank skips, no state changes, and
+        `skipped` tells the wrapper (which reports the step as unsuccessful, as for a non-finite gradient).
+        """
+        self.skipped = not agree_finite([self.prepare()], self._routing.device)
+        if self.skipped:
+            self.discard()
+        else:
+            self.apply()
+
+    def prepare(self) -> torch.Tensor:
+        """Phase 1, collective over the Muon group: the advanced momentum and the orthogonalized update of every
+        Muon piece this rank owns, held until `apply`. Returns a 0-dim bool tensor: are this rank's updates finite."""
         if self._routing is None:
             raise RuntimeError("ShardedMuonAdamW.step() before bind(): build it with build_muon_optimizer()")
         self.init_state()
-        directions, updates, owner_group = {}, {}, {}
+        beta, nesterov = self.settings.momentum, self.settings.nesterov
+        directions, updates, pending = {}, {}, []
+        for group in self.param_groups:
+            if not group["use_muon"]:
+                continue
+            for p in group["params"]:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                # M <- G + beta M, kept aside (same operations as the in-place form) until the step is known good.
+                advanced = self.state[p]["momentum_buffer"] * beta
+                advanced.add_(grad)
+                u = grad.add(advanced, alpha=beta) if nesterov else advanced
+                key, start, cols = self._where[p]
+                directions[key] = Flat(u.reshape(-1), start, cols)
+                updates[key] = Flat(torch.empty(p.numel(), dtype=torch.float32, device=p.device), start, cols)
+                pending.append((p, group, advanced, updates[key].tensor))
+        self.last_step = self._routing(directions, updates)
+        self._pending = pending
+        if not pending:
+            return torch.ones((), dtype=torch.bool, device=self._routing.device)
+        # A max-norm is inf or nan exactly when some element is: one reduction per piece, no host sync here.
+        return torch.stack(torch._foreach_norm([u for *_, u in pending], float("inf"))).isfinite().all()
+
+    def apply(self) -> None:
+        """Phase 2: commit the momentum, apply the Muon updates and take the AdamW step."""
+        for p, group, advanced, update in self._pending:
+            self.state[p]["momentum_buffer"].copy_(advanced)
+            apply_muon_update_(p, update.view_as(p), group["lr"], group["weight_decay"], 1.0)
+        self._pending = None
         for group in self.param_groups:
             group["step"] += 1
             for p in group["params"]:
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 state = self.state[p]
                 state["step"].fill_(group["step"])
-                if not group["use_muon"]:
-                    adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], group["step"], group["lr"],
-                                  self.adam_betas, group.get("eps", self.adam_eps), group["weight_decay"])
+                if group["use_muon"]:
                     continue
-                key, start, cols = self._where[p]
-                u = muon_direction(grad, state["momentum_buffer"], self.settings.momentum, self.settings.nesterov)
-                directions[key] = Flat(u.reshape(-1), start, cols)
-                updates[key] = Flat(torch.empty(p.numel(), dtype=torch.float32, device=p.device), start, cols)
-                owner_group[key] = (p, group)
-        device = next((p.device for p, _ in owner_group.values()), torch.device("cpu"))
-        self.last_step = self._routing(directions, updates, device)
-        for key, (p, group) in owner_group.items():
-            apply_muon_update_(p, updates[key].tensor.view_as(p), group["lr"], group["weight_decay"], 1.0)
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], group["step"], group["lr"],
+                              self.adam_betas, group.get("eps", self.adam_eps), group["weight_decay"])
+
+    def discard(self) -> None:
+        self._pending = None
+
+
+def agree_finite(flags: list[torch.Tensor], device: torch.device) -> bool:
+    """True if every flag on every rank of the job is true. One all-reduce and one host sync: the decision to
+    apply a step must be the same everywhere (pipeline stages, expert and dense optimizers included)."""
+    ok = torch.stack([f.to(device) for f in flags]).all().to(torch.int32)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())

@@ -18,6 +18,15 @@ batch and steps stay fixed. With `--mup-base-width N0` the model is parametrized
 (megatron_muon/integration/mup.py, preset `--mup-preset`, the paper's `essential` by default): per-matrix init,
 embedding and logit multipliers, and per-parameter LR / weight decay / Adam eps, so the swept LR and WD are the
 base model's and should transfer across widths. Without it (0) the model is in standard parametrization.
+
+It trains as a user's Megatron run does (megatron_muon/integration/training.py): one gloo rank, megatron-core's
+DDP and `get_megatron_optimizer` with the plugin installed, so `--optimizer muon` is the plugin's distributed
+Muon (its defaults: Newton-Schulz in bf16, the paper's essential scale, AdamW on embeddings, head and vectors)
+and `--optimizer adamw` is Megatron's Adam with decoupled weight decay; muP's per-parameter LR / WD / eps are
+param-group overrides. Weight decay skips norms and biases (Megatron's standard param groups). The LR schedule is
+Megatron's OptimizerParamScheduler: linear warmup over max(1, steps // 10) steps, step s at (s + 1) / warmup of
+the peak, then cosine down to 0.1x the peak, reached on the last step (the first step after the warmup is
+already one step into the cosine).
 """
 
 from __future__ import annotations
@@ -70,10 +79,9 @@ class MarkovData:
 def token_windows(prefix: str, length: int) -> torch.Tensor:
     """The documents of a Megatron indexed dataset, concatenated (each ends with EOD) and cut into rows of
     `length` tokens; the tail that does not fill a row is dropped."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_muon.integration.datasets import read_indexed_dataset
 
-    dataset = IndexedDataset(prefix)
-    stream = torch.from_numpy(np.concatenate([dataset[i] for i in range(len(dataset))]).astype(np.int64))
+    stream = torch.from_numpy(read_indexed_dataset(prefix).astype(np.int64))
     rows = stream.numel() // length
     return stream[: rows * length].view(rows, length)
 
@@ -121,96 +129,59 @@ def shape_for_width(width: int, vocab_size: int, args):
     )
 
 
-def warmup_cosine(steps: int):
-    """Linear warmup over 10% of the steps, then cosine to 0.1x the peak: the paper's schedule (Sec. 2)."""
-    warmup = max(1, steps // 10)
+def optimizer_config(args):
+    """Megatron's optimizer config for the trial: the plugin's Muon (AdamW on embeddings, head and vectors) or
+    Megatron's AdamW; both AdamWs with the paper's betas (0.95, 0.95) and eps 1e-8, no gradient clipping, and an LR
+    that ends at 0.1x the peak (the paper's schedule, Sec. 2)."""
+    from megatron_muon.integration.flags import PAPER_ADAM_BETAS, MuonOptimizerConfig
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def param_groups(model, args) -> list[dict]:
-    """One group per (Muon or Adam, muP multipliers): the muP tags of apply_mup, or all 1 without muP."""
-    from megatron_muon.muon import ADAMW_DEFAULTS, is_muon_matrix
-
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        rule = getattr(p, "mup_rule", None)
-        mults = (rule.lr_mult, rule.wd_mult, rule.eps_mult) if rule is not None else (1.0, 1.0, 1.0)
-        use_muon = args.optimizer == "muon" and is_muon_matrix(name, p)
-        group = groups.setdefault((use_muon, *mults), dict(
-            params=[], use_muon=use_muon, lr=args.lr * mults[0], weight_decay=args.wd * mults[1],
-            eps=ADAMW_DEFAULTS["eps"] * mults[2],
-        ))
-        group["params"].append(p)
-    return list(groups.values())
-
-
-def build_model(shape, args):
-    """The GPT of `shape`, in muP relative to --mup-base-width when it is set."""
-    from megatron_muon.integration.gpt import build_gpt
-    from megatron_muon.integration.mup import MupSpec, apply_mup, base_widths, target_widths, transformer_config_fields
-
-    if not args.mup_base_width:
-        return build_gpt(shape)
-    model = build_gpt(
-        shape, **transformer_config_fields(args.mup_preset, args.mup_base_width, shape.hidden_size, args.head_dim)
+    return MuonOptimizerConfig(
+        optimizer="muon" if args.optimizer == "muon" else "adam", lr=args.lr, min_lr=0.1 * args.lr,
+        weight_decay=args.wd, clip_grad=0.0, adam_beta1=PAPER_ADAM_BETAS[0], adam_beta2=PAPER_ADAM_BETAS[1],
+        adam_eps=1e-8,
     )
-    base = base_widths(target_widths(model.config), args.mup_base_width)
-    apply_mup([model], MupSpec(args.mup_preset, base, "muon" if args.optimizer == "muon" else "adam"))
-    return model
 
 
 def train(args) -> dict:
     import torch.distributed as dist
 
     from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.muon import ADAMW_DEFAULTS, MuonWithAdamW
+    from megatron_muon.integration.training import LRSchedule, MupSetup, Trainer, TrainingSetup, token_batches
 
     data = (CorpusData if args.data == "corpus" else MarkovData)(args)
     shape = shape_for_width(args.width, data.vocab_size, args)
+    # Linear warmup over 10% of the steps, then cosine to 0.1x the peak (min_lr): the paper's schedule. Megatron's
+    # scheduler needs the decay to outlast the warmup, which a one-step run's does not.
+    warmup = max(1, args.steps // 10)
+    schedule = LRSchedule(decay_steps=max(args.steps, warmup + 1), warmup_steps=warmup, style="cosine")
+    setup = TrainingSetup(
+        shape, optimizer_config(args), schedule=schedule,
+        mup=MupSetup(args.mup_preset, args.mup_base_width) if args.mup_base_width else None,
+    )
     # A file store, not a TCP port: trials started side by side cannot race for the same port.
     with tempfile.TemporaryDirectory() as rendezvous:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
         try:
             with model_parallel(seed=args.seed):
-                model = build_model(shape, args)
-                groups = param_groups(model, args)
-                if args.optimizer == "muon":
-                    optimizer = MuonWithAdamW(groups, lr=args.lr, weight_decay=args.wd)
-                else:
-                    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.wd, **ADAMW_DEFAULTS)
-                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps))
-                seq = args.seq_length
-                positions = torch.arange(seq).unsqueeze(0)
-                causal = torch.ones(seq, seq, dtype=torch.bool).triu(1).view(1, 1, seq, seq)
-
-                def loss_on(tokens):
-                    return model(tokens[:, :-1], positions, causal, labels=tokens[:, 1:]).float().mean()
-
-                tokens_per_step = args.global_batch * seq
+                trainer = Trainer(setup)
+                # Megatron's warmup starts at lr 0 on the first step; one scheduler step ahead, step s trains at
+                # (s + 1) / warmup of the peak, so the first step already learns.
+                trainer.scheduler.step(increment=1)
+                tokens_per_step = args.global_batch * args.seq_length
                 curve = []
                 start = time.perf_counter()
                 for step in range(args.steps):
-                    optimizer.zero_grad()
-                    loss = loss_on(data.batch(step, args.global_batch))
-                    loss.backward()
-                    curve.append((step * tokens_per_step, float(loss)))
-                    if not math.isfinite(curve[-1][1]):
+                    batch = data.batch(step, args.global_batch)
+                    loss = trainer.forward_backward(token_batches(batch, len(batch)))
+                    curve.append((step * tokens_per_step, loss))
+                    if not math.isfinite(loss):
                         break  # diverged: later steps only repeat NaN
-                    optimizer.step()
-                    schedule.step()
+                    trainer.finalize_grads()
+                    trainer.optimizer_step()
                     if args.log_every and step % args.log_every == 0:
-                        print(f"step {step:>6} tokens {step * tokens_per_step:>10} loss {curve[-1][1]:.4f}", flush=True)
+                        print(f"step {step:>6} tokens {step * tokens_per_step:>10} loss {loss:.4f}", flush=True)
                 wall_s = time.perf_counter() - start
-                with torch.no_grad():
-                    model.eval()
-                    final_loss = float(loss_on(data.held_out))
+                final_loss = trainer.evaluate(token_batches(data.held_out, len(data.held_out)))
         finally:
             dist.destroy_process_group()
     return dict(
