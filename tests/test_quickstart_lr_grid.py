@@ -3,15 +3,14 @@ log parsing and table on known input."""
 
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_data import _python_document
 from tests.test_launch import _env, _run
+from tests.test_train import corpus  # noqa: F401 (the fixture: 16 small Python documents)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "quickstart_lr_grid.py"
@@ -48,16 +47,6 @@ def test_table_marks_the_best_lr_per_optimizer_and_failures():
     assert lines[2].split() == ["0.003", "5.28", "5.65*"]
     assert lines[3].split() == ["0.01", "4.83*", "failed", "(exit", "1)"]
     assert lines[-1] == "best: muon lr 0.01 (4.83), adam lr 0.003 (5.65)"
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    rng = random.Random(1)
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for index in range(16):
-        (root / f"mod_{index:02d}.py").write_text(_python_document(rng, index))
-    return root
 
 
 def test_two_learning_rates_train_through_the_quickstart_command(corpus, tmp_path):
