@@ -271,8 +271,8 @@ class MuonChainedOptimizer(ChainedOptimizer):
             states = [merge(s, requested[i]) for i, s in enumerate(saved)]
         else:
             layout = (
-                f"resuming under expert-parallel size {parallel_state.get_expert_model_parallel_world_size()} "
-                f"({len(chain)} chained optimizer(s)) from a checkpoint of {len(saved)}"
+                f"loading a checkpoint of {len(saved)} chained optimizer(s) into {len(chain)} under expert-parallel "
+                f"size {parallel_state.get_expert_model_parallel_world_size()}"
             )
             states = [_state_from_another_chain(o, saved, requested[i], layout) for i, o in enumerate(chain)]
         for optimizer, state in zip(chain, states):
@@ -333,6 +333,7 @@ __all__ = [
     "MuonChainedOptimizer",
     "MuonDistributedOptimizer",
     "check_saved_groups",
+    "regroup",
     "replicated_load_state_dict",
     "replicated_sharded_state_dict",
 ]

@@ -54,7 +54,7 @@ CORE_TOUCHES: tuple[Touch, ...] = (
     Touch(_OPT, "get_standard_config_overrides", ("config",), "called"),
     # optimizer.py
     Touch(_OPT, "_get_param_groups", ("model_chunks", "config", "config_overrides"), "called"),
-    Touch(_OPT, "ChainedOptimizer", None, "called"),
+    Touch(_OPT, "ChainedOptimizer", None, "subclassed"),
     Touch(_OPT, "OptimizerConfig", None, "subclassed"),
     Touch("megatron.core.optimizer.grad_scaler", "ConstantGradScaler", None, "called"),
     Touch("megatron.core.process_groups_config", "ProcessGroupCollection.setup_process_groups_for_optimizer",
@@ -85,6 +85,13 @@ CORE_TOUCHES: tuple[Touch, ...] = (
           ("model_param", "optim_param", "prefix"), "called"),
     Touch("megatron.core.dist_checkpointing.optimizer", "optim_state_to_sharding_state",
           ("optim_state_dict", "id_to_sharded_param_map", "exclude_keys"), "called"),
+    # checkpoint.py: the chain, resuming under another expert-parallel size.
+    Touch(_F16, "ChainedOptimizer.sharded_state_dict", ("self", "model_sharded_state_dict", "is_loading", "kwargs"),
+          "overridden"),
+    Touch(_F16, "ChainedOptimizer.load_state_dict", ("self", "state_dict"), "overridden"),
+    Touch(_F16, "ChainedOptimizer._synchronize_steps", ("self",), "called"),
+    Touch(_F16, "param_group_identifier_keys", None, "read"),
+    Touch("megatron.core.dist_checkpointing.dict_utils", "merge", ("x1", "x2", "key"), "called"),
     # mup.py
     Touch("megatron.core.optimizer.optimizer_config", "ParamKey", None, "called"),
     Touch("megatron.core.optimizer.optimizer_config", "ParamWithNamePredicate", None, "called"),
