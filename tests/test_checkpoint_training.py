@@ -230,3 +230,25 @@ def test_overlapped_param_gather_trains_like_the_plain_step(uninterrupted):
     worst = _compare(_iterations(overlapped.stdout), uninterrupted("fp32"))
     print(f"overlapped param gather: worst relative lm-loss difference {worst:.1e}")
     assert worst <= TOLERANCE["fp32"], worst
+
+
+MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "allgather"]
+
+
+def test_moe_checkpoint_resumes_under_another_expert_parallel_size(tmp_path):
+    """Saved under EP=2 (an expert optimizer in the chain), resumed under EP=1 (experts in the dense optimizer)."""
+    ckpt = tmp_path / "ckpt"
+    uninterrupted = _torchrun(*MOE, "--expert-model-parallel-size", "2")
+    assert uninterrupted.returncode == 0, uninterrupted.stdout[-6000:]
+    saved = _torchrun(*MOE, "--expert-model-parallel-size", "2", "--save", str(ckpt), "--save-interval", str(SAVE_AT),
+                      "--exit-interval", str(SAVE_AT))
+    assert saved.returncode == 0, saved.stdout[-6000:]
+    assert "megatron-muon: 12 expert logical matrices" in saved.stdout
+    resumed = _torchrun(*MOE, "--load", str(ckpt))
+    assert resumed.returncode == 0, resumed.stdout[-6000:]
+    assert "megatron-muon: 34 dense logical matrices" in resumed.stdout  # experts now in the dense optimizer
+    after = _iterations(resumed.stdout)
+    assert sorted(after) == [4, 5, 6], resumed.stdout[-6000:]
+    worst = _compare({**_iterations(saved.stdout), **after}, _iterations(uninterrupted.stdout))
+    print(f"MoE EP=2 -> EP=1: worst relative lm-loss difference {worst:.1e}")
+    assert worst <= TOLERANCE["fp32"], worst
