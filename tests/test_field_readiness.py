@@ -154,7 +154,7 @@ def test_guard_passes_on_the_pinned_megatron_core():
     from megatron_muon.integration import compat
 
     version = compat.installed_version()
-    touches = compat.CORE_TOUCHES + compat.TRAINING_TOUCHES + compat.CPU_SHIM_TOUCHES
+    touches = compat.CORE_TOUCHES + compat.TOOL_TOUCHES + compat.TRAINING_TOUCHES + compat.CPU_SHIM_TOUCHES
     assert compat.problems(touches, version) == []
     compat.check_megatron(include_training=True, include_cpu_shims=True)
 

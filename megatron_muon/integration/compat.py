@@ -92,6 +92,13 @@ CORE_TOUCHES: tuple[Touch, ...] = (
     Touch(_F16, "ChainedOptimizer._synchronize_steps", ("self",), "called"),
     Touch(_F16, "param_group_identifier_keys", None, "read"),
     Touch("megatron.core.dist_checkpointing.dict_utils", "merge", ("x1", "x2", "key"), "called"),
+    # optimizer.py: the groups a Muon domain spans (dense: TP x DP x CP; experts: expert TP x expert DP).
+    *(Touch("megatron.core.parallel_state", name, None, "called") for name in (
+        "get_tensor_model_parallel_rank", "get_tensor_model_parallel_world_size", "get_tensor_model_parallel_group",
+        "get_data_parallel_rank", "get_data_parallel_world_size", "get_tensor_and_data_parallel_group",
+        "get_pipeline_model_parallel_rank", "get_expert_model_parallel_rank", "get_expert_tensor_parallel_rank",
+        "get_expert_tensor_parallel_world_size", "get_expert_tensor_parallel_group", "get_expert_data_parallel_rank",
+        "get_expert_data_parallel_world_size")),
     # mup.py
     Touch("megatron.core.optimizer.optimizer_config", "ParamKey", None, "called"),
     Touch("megatron.core.optimizer.optimizer_config", "ParamWithNamePredicate", None, "called"),
@@ -99,7 +106,34 @@ CORE_TOUCHES: tuple[Touch, ...] = (
     Touch("megatron.core.datasets.utils", "compile_helpers", (), "replaced"),
 )
 
+# Public megatron-core APIs the Megatron-facing tools call (gpt.py, training.py, datasets.py, parallel_state.py):
+# existence only, since these are stable, keyword-called and checked by every test that builds a model.
+TOOL_TOUCHES: tuple[Touch, ...] = tuple(
+    Touch(module, attribute, None, "called") for module, attribute in (
+        ("megatron.core.models.gpt.gpt_model", "GPTModel"),
+        ("megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec"),
+        ("megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_with_transformer_engine_spec"),
+        ("megatron.core.transformer.transformer_config", "TransformerConfig"),
+        ("megatron.core.distributed", "DistributedDataParallel"),
+        ("megatron.core.distributed", "DistributedDataParallelConfig"),
+        ("megatron.core.distributed.finalize_model_grads", "finalize_model_grads"),
+        ("megatron.core.optimizer_param_scheduler", "OptimizerParamScheduler"),
+        ("megatron.core.pipeline_parallel", "get_forward_backward_func"),
+        ("megatron.core.tensor_parallel.random", "model_parallel_cuda_manual_seed"),
+        ("megatron.core.parallel_state", "initialize_model_parallel"),
+        ("megatron.core.parallel_state", "destroy_model_parallel"),
+        ("megatron.core.tokenizers", "MegatronTokenizer"),
+        ("megatron.core.datasets.indexed_dataset", "IndexedDatasetBuilder"),
+        ("megatron.core.datasets.indexed_dataset", "IndexedDataset"),
+        ("megatron.core.datasets.gpt_dataset", "GPTDataset"),
+        ("megatron.core.datasets.gpt_dataset", "GPTDatasetConfig"),
+        ("megatron.core.datasets.blended_megatron_dataset_builder", "BlendedMegatronDatasetBuilder"),
+    )
+)
+
 TRAINING_TOUCHES: tuple[Touch, ...] = (
+    # training.py: megatron-core's layer-wise optimizer (nvidia_muon) needs megatron.training's DDP wrapper.
+    Touch(_TRAIN, "wrap_model_chunks_with_ddp", None, "called"),
     Touch(_ARGS, "add_megatron_arguments", ("parser",), "replaced"),
     Touch(_ARGS, "validate_args", ("args", "defaults"), "replaced"),
     Touch(_ARGS, "_print_args", ("title", "args"), "replaced"),
@@ -186,7 +220,7 @@ def check_megatron(include_training: bool, include_cpu_shims: bool = False) -> N
             f"megatron-muon supports megatron-core >= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))} "
             f"(written against {WRITTEN_AGAINST}); installed: {version}. Install megatron-core=={WRITTEN_AGAINST}."
         )
-    touches = list(CORE_TOUCHES)
+    touches = list(CORE_TOUCHES + TOOL_TOUCHES)
     if include_training:
         touches += TRAINING_TOUCHES
     if include_cpu_shims:
