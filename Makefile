@@ -26,5 +26,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/orthogonalize.py
 
+# One-shot GPU acceptance (<= 8 min on one H100/H200); the CPU subset elsewhere. Exit status 1 if a part failed.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

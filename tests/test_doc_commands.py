@@ -41,6 +41,11 @@ NOT_RUN_HERE = {
     "python -m megatron_muon.study batch --batch-sizes 4 8 16 32 64 --lr muon=0.01,0.03 --lr adamw=0.003,0.01 "
     "--out bs/": "20 training runs; tests/test_study.py runs the study end to end on a small grid",
     "python examples/reproduce_paper.py": "25 minutes; regenerates examples/reproduce_paper.md",
+    "make gpu-check": "the GPU acceptance run; on CPU its subset, run by tests/test_gpu_check.py",
+    "python benchmarks/gpu_check.py --parts newton_schulz training --optimizers muon adam": "two of the CPU parts "
+        "of the subset that tests/test_gpu_check.py::test_cpu_subset_end_to_end runs",
+    "python benchmarks/gpu_check.py --device cpu --train-iters 4 --optimizers muon adam --ns-repeats 1":
+        "tests/test_gpu_check.py::test_cpu_subset_end_to_end runs these flags (with a JSON path of its own)",
 }
 
 
