@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from megatron_muon.mup.rules import PRESETS
 from megatron_muon.testing.ranks import run_ranks
 
 PARAMETRIZATIONS = ("sp", "mup")
@@ -164,7 +165,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[2.0**k for k in range(-9, -1)],
                         help="the LR grid (default 2^-9 .. 2^-2, one octave apart)")
     parser.add_argument("--parametrizations", nargs="+", choices=PARAMETRIZATIONS, default=list(PARAMETRIZATIONS))
-    parser.add_argument("--preset", default="essential", help="muP preset: essential (the paper's) or spectral")
+    parser.add_argument("--preset", default="essential", choices=sorted(PRESETS),
+                        help="muP preset: essential (the paper's), essential_exact or spectral")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--micro-batch", type=int, default=16)

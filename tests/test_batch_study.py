@@ -1,6 +1,7 @@
 """Batch-study statistics on synthetic curves whose answers are known in closed form."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,11 +12,11 @@ from megatron_muon.study.metrics import (
     auto_thresholds,
     ema,
     hours_to_loss,
-    is_non_decreasing,
     log_log_slopes,
     pareto_front,
     power_law_fit,
     ratio_table,
+    spearman,
     token_optimal_batch,
     tokens_to_loss,
 )
@@ -65,8 +66,9 @@ def test_ratio_table_gives_rate_ratio_and_difference():
     adam_rates = {32: 1e-3, 64: 1e-3, 128: 0.8e-3, 256: 0.5e-3}
     curves = [exponential_curve("muon", b, 1.25e-3, steps=4000 // (b // 32)) for b in batches]
     curves += [exponential_curve("adamw", b, adam_rates[b], steps=8000 // (b // 32)) for b in batches]
-    rows = ratio_table(curves, [3.0, 2.0], beta=0.0, device_rule=DeviceRule(token_unit=64))
-    assert len(rows) == 8
+    table = ratio_table(curves, [3.0, 2.0], beta=0.0, device_rule=DeviceRule(token_unit=64))
+    rows = table.rows
+    assert len(rows) == 8 and table.batches == batches and table.seeds == [0]
     for row in rows:
         expected = 1.25e-3 / adam_rates[row["batch_tokens"]]
         assert row["ratio"] == pytest.approx(expected, rel=0.05)
@@ -75,26 +77,49 @@ def test_ratio_table_gives_rate_ratio_and_difference():
             abs=2 * row["batch_tokens"],
         )
         assert row["steps_muon"] == pytest.approx(row["tokens_muon"] / row["batch_tokens"])
-    for threshold in (3.0, 2.0):
-        # Interpolation moves the equal ratios at 32 and 64 by ~0.1%.
-        assert is_non_decreasing([r["ratio"] for r in rows if r["threshold"] == threshold], rtol=0.01)
-        assert not is_non_decreasing([r["ratio"] for r in rows if r["threshold"] == threshold][::-1], rtol=0.01)
+    for comparison in table.comparisons:
+        # R = 1.25, 1.25, 1.5625, 2.5: interpolation moves the equal ratios at 32 and 64 by ~0.1% either way, which
+        # leaves rho at 0.8 (swapped), 0.95 (tied) or 1. One seed: a point estimate, with no interval to judge it.
+        assert comparison.spearman >= 0.8
+        assert spearman(batches, comparison.ratio.value[::-1]) <= -0.8
+        assert comparison.ratio_increasing_confident is None and comparison.ratio_above_1_confident is None
     assert [r["devices"] for r in rows[:4]] == [8, 16, 32, 64]
     assert rows[0]["hours_muon"] == pytest.approx(rows[0]["tokens_muon"] / (8 * 1000.0) / 3600)
 
 
 def test_ratio_table_refuses_duplicates_and_disjoint_batches():
     a = exponential_curve("muon", 32, 1e-3)
-    with pytest.raises(ValueError, match="two runs"):
+    with pytest.raises(ValueError, match="two runs of muon at 32 tokens per step with seed 0"):
         ratio_table([a, a], [2.0])
     with pytest.raises(ValueError, match="both"):
         ratio_table([a, exponential_curve("adamw", 64, 1e-3)], [2.0])
+    # Seeds 0, 1 for Muon but only 0 for AdamW: no common set of seeds to resample.
+    with pytest.raises(ValueError, match="do not share one set of seeds"):
+        ratio_table([a, replace(a, seed=1), exponential_curve("adamw", 32, 1e-3)], [2.0])
 
 
 def test_ratio_is_nan_where_a_run_never_reaches_the_loss():
     rows = ratio_table([exponential_curve("muon", 32, 1e-3, steps=10), exponential_curve("adamw", 32, 1e-3)],
-                       [1.5], beta=0.0)
+                       [1.5], beta=0.0).rows
     assert math.isnan(rows[0]["tokens_muon"]) and math.isnan(rows[0]["ratio"])
+
+
+def test_seeded_ratio_table_takes_means_over_seeds_with_intervals():
+    # Seed s runs Muon at rate 1.25e-3 (1 + 0.1 s) and AdamW at 1e-3: T = ln(4 / (L - 1)) / rate, so at L = 2 Muon's
+    # mean T over seeds 0..3 is ln 4 / 1.25e-3 x mean(1 / (1 + 0.1 s)), and R is AdamW's T over that.
+    seeds = range(4)
+    curves = [replace(exponential_curve("muon", 32, 1.25e-3 * (1 + 0.1 * s), steps=4000), seed=s) for s in seeds]
+    curves += [replace(exponential_curve("adamw", 32, 1e-3, steps=4000), seed=s) for s in seeds]
+    (row,) = ratio_table(curves, [2.0], beta=0.0).rows
+    muon = np.mean([exact_tokens(1.25e-3 * (1 + 0.1 * s), 2.0) for s in seeds])
+    assert row["seeds"] == 4
+    assert row["tokens_muon"] == pytest.approx(muon, abs=32)  # within one logging interval
+    assert row["ratio"] == pytest.approx(exact_tokens(1e-3, 2.0) / muon, rel=1e-3)
+    # AdamW's seeds agree exactly, so its interval is a point; Muon's spans its seeds' tokens to loss.
+    assert row["tokens_adamw_ci_low"] == row["tokens_adamw"] == row["tokens_adamw_ci_high"]
+    fastest, slowest = exact_tokens(1.25e-3 * 1.3, 2.0), exact_tokens(1.25e-3, 2.0)
+    assert fastest - 32 < row["tokens_muon_ci_low"] < row["tokens_muon"] < row["tokens_muon_ci_high"] < slowest + 32
+    assert row["ratio_ci_low"] < row["ratio"] < row["ratio_ci_high"]
 
 
 def test_token_optimal_batch_is_the_largest_minimiser():
@@ -108,12 +133,6 @@ def test_token_optimal_batch_is_the_largest_minimiser():
 def test_perfect_scaling_has_slope_minus_one():
     assert log_log_slopes([1, 2, 4], [100, 50, 25]) == pytest.approx([-1, -1])
     assert log_log_slopes([1, 2], [100, 100]) == pytest.approx([0])
-
-
-def test_non_decreasing_with_tolerance_and_nans():
-    assert is_non_decreasing([1.1, math.nan, 1.2, 1.2])
-    assert not is_non_decreasing([1.2, 1.1])
-    assert is_non_decreasing([1.2, 1.19], rtol=0.01)
 
 
 def test_device_rule_is_the_papers_footnote_and_scales():

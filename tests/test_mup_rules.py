@@ -147,8 +147,55 @@ def test_spectral_4x_hand_checked():
     assert fields(adam["router"]) == approx(0.25, 1, 0.25, 4, 1)
 
 
+def test_essential_exact_2x_hand_checked():
+    # Target hidden 128 over base hidden 64, every shape ratio kept (ffn 4x hidden, 8 heads of 16 in 4 groups, 8
+    # experts): r = 2 for every fan that grows. Essential's rules except the Muon LR:
+    #   embedding  a = sqrt(r) = 1.4142, std 1/sqrt(r) = 0.7071, Adam lr 1/sqrt(r) = 0.7071 (Table 5, as essential);
+    #   output     a = 1/sqrt(r) = 0.7071, std 1/sqrt(r) = 0.7071, Adam lr 1/sqrt(r) = 0.7071;
+    #   hidden     std 1/sqrt(r) = 0.7071. Muon's ||dW||_2 = lr x 0.2 sqrt(max(fan_out, fan_in)): q goes 64x64 ->
+    #              128x128, gate 256x64 -> 512x128, down 64x256 -> 128x512, k 32x64 -> 64x128; max(fan) doubles in
+    #              each, so the scale grows by sqrt(2), while the spectral condition's sqrt(fan_out / fan_in) stays.
+    #              The LR must shrink by 1/sqrt(2) = 0.7071 (essential's 1/r = 0.5 shrinks ||dW||_2 by 1/sqrt(2));
+    #   router     8x64 -> 8x128: max(fan) = fan_in doubles (scale x sqrt(2)) and sqrt(fan_out / fan_in) halves by
+    #              sqrt(2): lr (1/sqrt(2)) / sqrt(2) = 1/2, essential's 1/r; std 1/r = 0.5 (a readout);
+    #   vectors    1. Weight decay coupled (x1), Adam eps unscaled (x1), as essential.
+    target = ModelWidths(hidden=128, ffn_hidden=512, num_heads=8, num_query_groups=4, head_dim=16, vocab=100,
+                         num_experts=8)
+    h = 0.7071067811865476  # 1/sqrt(2)
+    r = rules("essential_exact", BASE, target)
+    assert fields(r["embedding"]) == approx(h, 1.4142135623730951, h, 1, 1)
+    assert fields(r["output"]) == approx(h, h, h, 1, 1)
+    for role in ("q", "k", "v", "proj", "gate", "up", "down", "expert_gate", "expert_up", "expert_down"):
+        assert fields(r[role]) == approx(h, 1, h, 1, 1), role
+    assert fields(r["router"]) == approx(0.5, 1, 0.5, 1, 1)
+    for role in VECTORS:
+        assert fields(r[role]) == approx(1, 1, 1, 1, 1)
+    # Only Muon's LR differs from essential; a hidden matrix trained by Adam keeps Adam's 1/r.
+    essential = rules("essential", BASE, target)
+    assert all(replace(r[role], lr_mult=0) == replace(essential[role], lr_mult=0) for role in ROLES)
+    assert rule("q", BASE, target, "essential_exact", "adam").lr_mult == pytest.approx(0.5)
+
+
+def test_essential_exact_muon_update_norm_meets_the_spectral_condition():
+    # With the essential scale (0.2 sqrt(max)), ||dW||_2 must grow like sqrt(fan_out / fan_in): for one common ratio
+    # (q, down), a readout-like K (fixed groups), and unequal ratios where the faster-growing fan is the larger
+    # (down and gate with ffn 8x while hidden 4x).
+    fixed_groups, wide_ffn = replace(TARGET, num_query_groups=2), replace(TARGET, ffn_hidden=2048)
+    for role, target in (("q", TARGET), ("down", TARGET), ("k", fixed_groups), ("down", wide_ffn), ("gate", wide_ffn),
+                         ("router", TARGET)):
+        (bo, bi), (to, ti) = logical_shape(role, BASE), logical_shape(role, target)
+        r = rule(role, BASE, target, "essential_exact", "muon")
+        norm_ratio = r.lr_mult * SCALE_MODES["essential"](to, ti) / SCALE_MODES["essential"](bo, bi)
+        assert norm_ratio == pytest.approx(math.sqrt((to / ti) / (bo / bi))), role
+    # The paper's essential misses it for hidden matrices by 1/sqrt(r) = 1/2 at r = 4.
+    (bo, bi), (to, ti) = logical_shape("q", BASE), logical_shape("q", TARGET)
+    essential = rule("q", BASE, TARGET, "essential", "muon").lr_mult * SCALE_MODES["essential"](to, ti)
+    assert essential / SCALE_MODES["essential"](bo, bi) == pytest.approx(0.5)
+
+
 def test_presets_name_a_muon_scale_mode():
     assert PRESETS["essential"].muon_scale_mode == "essential"
+    assert PRESETS["essential_exact"].muon_scale_mode == "essential"
     assert PRESETS["spectral"].muon_scale_mode == "unit_rms_norm"
     assert all(p.muon_scale_mode in SCALE_MODES for p in PRESETS.values())
 

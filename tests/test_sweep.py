@@ -21,13 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A stand-in for a training run: a loss bowl in (log lr, log wd) whose lr optimum moves as 1/width, a fake
 # curve, and a ledger line when it starts and when it finishes. While the file FAKE_HOLD_FILE names exists, a
-# trial starting after its creation waits (ledger line "held") so a test can kill the runner mid-trial.
+# trial starting after its creation waits (ledger line "held") so a test can kill the runner mid-trial. Given
+# --seed, the loss moves by up to +-0.01, a fixed function of the seed and the point (seed noise).
 # Stdlib only, so it starts in milliseconds.
 FAKE_TRIAL = textwrap.dedent("""
     import argparse, json, math, os, sys, time
     p = argparse.ArgumentParser()
     p.add_argument("--width", type=int); p.add_argument("--lr", type=float); p.add_argument("--wd", type=float)
     p.add_argument("--sleep", type=float, default=0.0); p.add_argument("--ledger"); p.add_argument("--out")
+    p.add_argument("--seed", type=int)
     a = p.parse_args()
     key = f"{a.width}/{a.lr:.6g}/{a.wd:.6g}"
     def note(event):
@@ -48,6 +50,8 @@ FAKE_TRIAL = textwrap.dedent("""
         sys.exit("failing once")
     best_lr = 0.01 * 32 / a.width
     loss = 1.0 + 4.0 / a.width ** 0.5 + 0.1 * math.log(a.lr / best_lr) ** 2 + 0.05 * math.log(a.wd / 0.1) ** 2
+    if a.seed is not None:
+        loss += 0.01 * math.sin(1.7 * a.seed + 100 * a.lr + 10 * a.wd)
     curve = [[100 * i, loss + 2.0 * math.exp(-i / 5)] for i in range(40)]
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
@@ -65,13 +69,13 @@ def sweep_env(tmp_path):
     ledger.touch()
     store = tmp_path / "sweep.sqlite"
 
-    def args(*extra, sleep=0.0, backend="local", widths=(8, 32), points=4):
+    def args(*extra, sleep=0.0, backend="local", widths=(8, 32), points=4, seeded=False):
         return [
             "telescope", "--store", str(store), "--base-width", str(widths[0]),
             "--calibration-width", str(widths[1]), "--points", str(points),
             "--hp", "lr=1e-3:1e-1", "--hp", "wd=1e-2:1",
             "--template", f"{{python}} {trial} --width {{width}} --lr {{lr}} --wd {{wd}} --sleep {sleep} "
-                          f"--ledger {ledger} --out {{out}}",
+                          f"--ledger {ledger} --out {{out}}" + (" --seed {seed}" if seeded else ""),
             "--backend", backend, "--poll-s", "0.05", "--quiet", *extra,
         ]
 
@@ -376,6 +380,90 @@ def test_report_and_brute_force_comparison(sweep_env):
     report = (out / "report.md").read_text()
     assert "Brute force at width 32" in report
     assert fit["widths"] == 3 and "so the fit is no test of the law" in report  # 3 minima, 3 parameters
+
+
+def test_seeds_run_the_final_stage_and_the_brute_force_grid_once_per_seed(sweep_env, capsys):
+    assert main(sweep_env["args"]("--parallel", "4", "--seeds", "3", seeded=True)) == 0
+    chosen_loss = json.loads(capsys.readouterr().out)["chosen_loss"]
+    with ResultStore(sweep_env["store"]) as store:
+        # Stages 0 and 1 are unseeded (16 and 4 runs at the fixed seed); the final point runs with 1234..1236.
+        assert [len(store.trials(kind="telescope", stage=s)) for s in range(3)] == [16, 4, 3]
+        assert all("seed" not in t.key and t.params["seed"] == 1234 for t in store.trials(stage=0))
+        final = store.trials(stage=2)
+        assert sorted(t.params["seed"] for t in final) == [1234, 1235, 1236]
+        assert len({t.key.rsplit("/", 1)[0] for t in final}) == 1 and len({t.final_loss for t in final}) == 3
+        losses = [t.final_loss for t in final]
+    # The chosen point's spread over its seeds: mean, std and a bootstrap interval inside the seeds' range (up to
+    # the rounding of a mean of three equal values).
+    assert chosen_loss["seeds"] == 3 and chosen_loss["mean"] == pytest.approx(sum(losses) / 3)
+    assert chosen_loss["std"] > 0 and chosen_loss["ci_low"] < chosen_loss["ci_high"]
+    assert min(losses) - 1e-12 <= chosen_loss["ci_low"] and chosen_loss["ci_high"] <= max(losses) + 1e-12
+    brute = sweep_env["args"]("--seeds", "3", seeded=True)
+    brute[0] = "brute"
+    assert main([*brute, "--brute-points", "4", "--parallel", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimum_loss"]["seeds"] == 3
+    out = sweep_env["tmp"] / "report"
+    assert main(["report", "--store", str(sweep_env["store"]), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == 3 and summary["chosen_spread"]["mean"] == pytest.approx(chosen_loss["mean"])
+    assert [(s["runs"], s["seeds"]) for s in summary["stages"]] == [(16, 1), (4, 1), (3, 3)]
+    (comparison,) = summary["brute_force"]
+    assert comparison["runs"] == 48 and comparison["seeds"] == 3
+    difference = comparison["loss_difference"]
+    assert difference["mean"] == pytest.approx(comparison["telescope_final_stage_loss"] - comparison["optimum_loss"])
+    assert comparison["difference_within_seed_noise"] == (difference["ci_low"] <= 0 <= difference["ci_high"])
+    report = (out / "report.md").read_text()
+    assert "Seeds: 3 per grid point of the final stage" in report and "paired by seed" in report
+    # A sweep with seeds needs the seed to reach the trial.
+    assert main(sweep_env["args"]("--seeds", "2")) == 2
+    assert "needs a {seed} field" in capsys.readouterr().err
+
+
+def _seeded_store(path, telescope_corner, brute_corner):
+    """A one-stage telescope (width 32, 3 x 3 points, 3 seeds) and a 3 x 3 brute force on the same grid, with
+    constructed losses: 4.0 everywhere but the telescope's lr-2/wd-2 corner and the brute force's lr+2/wd+2 corner,
+    which take the given losses for seeds 1234, 1235, 1236."""
+    from megatron_muon.sweep.runner import TelescopeConfig, brute_force_specs, stage_specs
+    from megatron_muon.sweep.telescope import LogRange
+
+    config = TelescopeConfig(32, 32, (LogRange("lr", 1e-3, 1e-1), LogRange("wd", 1e-2, 1.0)), points=3,
+                             template="{python} t.py --lr {lr} --wd {wd} --seed {seed} --out {out}",
+                             fixed=dict(seed=1234), seeds=3)
+    store = ResultStore(path, config.fingerprint_dict())
+    stage = config.plan().stages[0]
+    store.fix_stage(0, 32, config.plan().base_log_centre, stage_specs(config, stage, config.plan().base_log_centre))
+    store.add_trials(brute_force_specs(config, 32, 3))
+    for t in store.trials():
+        corner, losses = (("lr-2/wd-2", telescope_corner) if t.kind == "telescope" else ("lr+2/wd+2", brute_corner))
+        loss = losses[t.params["seed"] - 1234] if corner in t.key else 4.0
+        store.mark_running(t.id, str(path.parent / str(t.id)), str(path.parent / f"{t.id}.log"))
+        store.mark_finished(t.id, final_loss=loss, smoothed_loss=loss, tokens=100, wall_s=1.0, tokens_per_second=100.0,
+                            curve=[(0.0, loss)])
+    return store
+
+
+@pytest.mark.parametrize("brute_corner, within_noise", [
+    # Differences telescope - brute by seed: -0.02, +0.04, +0.01; the interval holds 0.
+    ((3.02, 3.06, 3.04), True),
+    # +0.10, +0.15, +0.12: all one sign, the interval stays above 0.
+    ((2.90, 2.95, 2.93), False),
+])
+def test_a_miss_of_more_than_one_cell_is_judged_against_the_seed_noise(tmp_path, brute_corner, within_noise):
+    from megatron_muon.sweep.report import write_report
+
+    with _seeded_store(tmp_path / "s.sqlite", (3.00, 3.10, 3.05), brute_corner) as store:
+        summary = write_report(store, tmp_path / "report")
+    (stage,) = summary["stages"]
+    assert stage["best_spread"]["mean"] == pytest.approx(3.05) and stage["best_spread"]["std"] == pytest.approx(0.05)
+    (b,) = summary["brute_force"]
+    # Opposite corners of a 3-point grid: two brute-force cells apart in both hyperparameters.
+    assert b["distance_in_brute_cells"] == pytest.approx({"lr": 2.0, "wd": 2.0}) and not b["within_one_brute_cell"]
+    assert b["loss_difference"]["mean"] == pytest.approx(3.05 - sum(brute_corner) / 3)
+    assert b["difference_within_seed_noise"] is within_noise
+    assert b["within_one_brute_cell_or_seed_noise"] is within_noise
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert ("within the seed noise" if within_noise else "larger than the seed noise") in report
+    assert "3.0500 +- 0.0500" in report
 
 
 def test_plan_and_economics_commands(tmp_path, capsys):

@@ -99,7 +99,8 @@ def add_muon_arguments(parser: argparse.ArgumentParser) -> None:
     # muP: Megatron's --use-mup / --mup-base-hidden-size / --mup-base-head-dim stay the switch and the base model.
     group.add_argument("--mup-preset", choices=sorted(PRESETS), default=None,
                        help="Per-parameter muP rules (init, forward, LR, weight decay, Adam eps) on top of --use-mup: "
-                            "essential (the paper's; the default with --optimizer muon) or spectral. Without it, "
+                            "essential (the paper's; the default with --optimizer muon), essential_exact (the paper's "
+                            "update scale with Muon's width-exact LR) or spectral. Without it, "
                             "--use-mup with another optimizer is megatron-core's own muP.")
     group.add_argument("--mup-base-ffn-hidden-size", type=int, default=None,
                        help="The muP base model's ffn_hidden_size (default: the target's, scaled by the hidden ratio).")

@@ -4,7 +4,7 @@ Megatron's `TransformerConfig` already carries muP: `use_mup` turns it on, `mup_
 `mup_embedding_mult` / `mup_output_mult` multiply the embedding output and the logits, `mup_base_head_dim` and
 `mup_attn_scale_power` set the attention logit scale. It scales every hidden init by one width multiplier and
 gives Muon matrices no LR rule and no parameter any weight-decay rule. A muP *preset* (`--mup-preset essential`, the
-paper's, or `spectral`) keeps Megatron's switches and adds what is missing:
+paper's; `essential_exact`, its update scale with Muon's width-exact LR; or `spectral`) keeps Megatron's switches and adds what is missing:
 
 * forward multipliers: the preset's embedding and logit multipliers go into `mup_embedding_mult` /
   `mup_output_mult` (`forward_multipliers`), so Megatron's own forward applies them;

@@ -171,29 +171,50 @@ class Preset:
     muon_scale_mode: str
     embedding_forward_power: Fraction
     output_forward_power: Fraction
-    # True: Muon matrices keep the base LR (the update scale already satisfies the spectral condition).
-    # False: Muon matrices take Adam's c(n).
-    muon_lr_width_independent: bool
+    # How a Muon matrix's LR scales. "adam": Adam's c(n) of its column. "spectral": whatever keeps the update's
+    # spectral norm at the spectral condition (Yang, Simon, Bernstein 2023, arXiv 2310.17813): ||dW||_2 ~
+    # sqrt(fan_out / fan_in). Muon's O has unit singular values, so ||dW||_2 = lr * scale(fan_out, fan_in), and the
+    # multiplier is sqrt(r_out / r_in) over the growth of `muon_scale_mode`'s scale (`muon_scale_ratio`).
+    muon_lr: str
     # True: wd_mult = 1 / lr_mult, so the decay per step, lr * wd, stays at the base value.
     # False: coupled, wd_mult = 1, so the decay shrinks with the LR multiplier.
     independent_weight_decay: bool
     # True: Adam eps scales like the gradient entries it is added to.
     scale_adam_eps: bool
 
+    def __post_init__(self):
+        if self.muon_lr not in ("adam", "spectral"):
+            raise ValueError(f"preset {self.name}: muon_lr must be 'adam' or 'spectral', got {self.muon_lr!r}")
+
 
 PRESETS: dict[str, Preset] = {
     # The paper (arXiv 2505.02222 Sec. 3.1): Table 5 taken literally, including the sqrt(r) multiplier on the
     # embedding and the 1/sqrt(r) multiplier on the logits. Muon uses the 0.2 sqrt(max(fan_out, fan_in)) scale and
     # "the same muP scaling that is used for AdamW", i.e. hidden LR 1/fan_in. Note: the muP-exact Muon LR under this
-    # scale would be 1/sqrt(fan_in) (derived; Megatron PR #3715 warns the same). 1/fan_in keeps the per-entry
-    # update RMS Adam-like, as the paper intends. Weight decay is coupled ("we consider the coupled setting",
-    # Sec. 3). "We do not scale the AdamW eps" (Sec. 3.1).
+    # scale would be 1/sqrt(fan_in) (derived; Megatron PR #3715 warns the same; preset `essential_exact` uses it).
+    # 1/fan_in keeps the per-entry update RMS Adam-like, as the paper intends. Weight decay is coupled ("we consider
+    # the coupled setting", Sec. 3). "We do not scale the AdamW eps" (Sec. 3.1).
     "essential": Preset(
         name="essential",
         muon_scale_mode="essential",
         embedding_forward_power=Fraction(1, 2),
         output_forward_power=Fraction(-1, 2),
-        muon_lr_width_independent=False,
+        muon_lr="adam",
+        independent_weight_decay=False,
+        scale_adam_eps=False,
+    ),
+    # `essential` with the muP-exact Muon LR on the paper's scale: everything as the paper's preset (Table 5, the
+    # 0.2 sqrt(max(fan_out, fan_in)) update scale, coupled weight decay, Adam eps unscaled) except that Muon
+    # matrices take the LR that keeps their updates at the spectral condition. For a hidden matrix both fans grow
+    # by r, so the scale grows by sqrt(r) while sqrt(fan_out / fan_in) stays put: lr 1/sqrt(r_in), not the
+    # paper's 1/r_in, whose hidden updates shrink like 1/sqrt(width). A readout-like Muon matrix (fixed fan_out,
+    # the larger fan_in growing: the router, K/V with fixed query groups) gets 1/r_in, as in `essential`.
+    "essential_exact": Preset(
+        name="essential_exact",
+        muon_scale_mode="essential",
+        embedding_forward_power=Fraction(1, 2),
+        output_forward_power=Fraction(-1, 2),
+        muon_lr="spectral",
         independent_weight_decay=False,
         scale_adam_eps=False,
     ),
@@ -210,11 +231,28 @@ PRESETS: dict[str, Preset] = {
         muon_scale_mode="unit_rms_norm",
         embedding_forward_power=Fraction(0),
         output_forward_power=Fraction(-1),
-        muon_lr_width_independent=True,
+        muon_lr="spectral",
         independent_weight_decay=True,
         scale_adam_eps=True,
     ),
 }
+
+
+def muon_scale_ratio(scale_mode: str, r_out: Fraction, r_in: Fraction) -> float:
+    """How much Muon's update scale (megatron_muon.muon_config.SCALE_MODES) grows from base to target, from the
+    matrix's fan ratios.
+
+    unit_rms_norm, sqrt(fan_out / fan_in): by sqrt(r_out / r_in), exactly. essential, 0.2 sqrt(max(fan_out,
+    fan_in)): by the square root of the larger fan's ratio. From ratios alone that is taken to be the faster-growing
+    fan, max(r_out, r_in): exact when both fans grow alike (one common width ratio: every hidden matrix of a model
+    widened uniformly) and whenever the faster-growing fan is the larger one at base and target (the router and K/V
+    with fixed query groups: hidden >= num_experts, group width).
+    """
+    if scale_mode == "unit_rms_norm":
+        return math.sqrt(r_out / r_in)
+    if scale_mode == "essential":
+        return math.sqrt(max(r_out, r_in))
+    raise ValueError(f"no spectral Muon LR rule for the update scale {scale_mode!r}")
 
 
 def get_preset(name: str) -> Preset:
@@ -327,8 +365,9 @@ def rule(
         theta = float(r_hidden) ** float(p.output_forward_power)
     init, lr, grad = init / theta, lr / theta, grad * theta
 
-    if optimizer == "muon" and p.muon_lr_width_independent:
-        lr = 1.0
+    if optimizer == "muon" and p.muon_lr == "spectral":
+        r_out = fan_ratios(role, base, target)[0]
+        lr = math.sqrt(r_out / r_in) / muon_scale_ratio(p.muon_scale_mode, r_out, r_in)
     wd = 1 / lr if p.independent_weight_decay else 1.0
     eps = grad if optimizer == "adam" and p.scale_adam_eps else 1.0
     return ParamRule(column=col, init_std_mult=init, forward_mult=theta, lr_mult=lr, wd_mult=wd, eps_mult=eps)

@@ -10,17 +10,31 @@ pulled towards 0. Points are assumed evenly spaced in steps.
 Tokens to loss: T_L = tokens at which the smoothed curve first reaches L or below, linearly interpolated between
 the last point above L and the first point at or below it, so the answer does not snap to the logging interval.
 NaN when the run never reaches L. Steps to loss S_L = T_L / tokens per step.
+
+Seeds: a study may run every (optimizer, batch size) with several seeds (model init and data order). T_L(B) is then
+the mean over seeds of each seed's T_L (NaN if any seed never reaches L: the mean of a run that never arrives is
+not finite), R_L(B) the ratio of the two optimizers' means and T_A - T_M their difference. Their intervals are
+percentile bootstraps over seeds: seed labels are drawn with replacement, the statistic is recomputed from the
+drawn seeds, and the interval is the central quantiles of those replicates. One draw of seed labels is used for
+every cell of a study (seed i is one model init and one data order, shared by the runs at every batch size and
+both optimizers), so the statistics across batch sizes (R > 1 everywhere, the Spearman trend) see the seeds'
+correlations. The RNG is seeded: the same runs give the same intervals. With few seeds (2-4) the percentile
+bootstrap can only span the seeds it has, so its intervals are too narrow: read them as a floor on the
+uncertainty.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 DEFAULT_EMA = 0.95
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_RESAMPLES = 2000
+BOOTSTRAP_RNG_SEED = 0
 
 
 def ema(values: Sequence[float], beta: float = DEFAULT_EMA) -> np.ndarray:
@@ -66,6 +80,7 @@ class LossCurve:
     tokens: tuple[float, ...]
     losses: tuple[float, ...]
     tokens_per_second: float = math.nan  # measured training throughput of the run, one device
+    seed: int = 0  # the run's seed label: runs of one label at different batch sizes share model init and data order
 
     def smoothed(self, beta: float = DEFAULT_EMA) -> np.ndarray:
         return ema(self.losses, beta)
@@ -92,12 +107,6 @@ def token_optimal_batch(batches: Sequence[float], tokens: Sequence[float], rtol:
         return math.nan
     best = tokens[finite].min()
     return float(batches[finite & (tokens <= best * (1 + rtol))].max())
-
-
-def is_non_decreasing(values: Sequence[float], rtol: float = 0.0) -> bool:
-    """Each finite value is at least (1 - rtol) x its finite predecessor (the paper's claim about R_L(B))."""
-    finite = [v for v in values if math.isfinite(v)]
-    return all(b >= a * (1 - rtol) for a, b in zip(finite, finite[1:]))
 
 
 def log_log_slopes(batches: Sequence[float], steps: Sequence[float]) -> np.ndarray:
@@ -217,6 +226,232 @@ def power_law_fit(widths: Sequence[float], losses: Sequence[float], max_alpha: f
                        alpha_at_bound=not grid[1] < alpha < grid[-2])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics over seeds (module docstring: "Seeds")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def bootstrap_draws(num_seeds: int, resamples: int = DEFAULT_RESAMPLES,
+                    rng_seed: int = BOOTSTRAP_RNG_SEED) -> np.ndarray:
+    """(resamples, num_seeds) seed indices drawn with replacement: row r holds the seeds of bootstrap replicate r."""
+    if num_seeds < 1:
+        raise ValueError(f"need at least one seed to resample, got {num_seeds}")
+    if resamples < 1:
+        raise ValueError(f"need at least one bootstrap resample, got {resamples}")
+    return np.random.default_rng(rng_seed).integers(0, num_seeds, size=(resamples, num_seeds))
+
+
+def percentile_interval(replicates, confidence: float = DEFAULT_CONFIDENCE):
+    """The central `confidence` interval of bootstrap replicates along their last axis: their (1 - c) / 2 and
+    (1 + c) / 2 quantiles (linearly interpolated). Floats for a 1-D input, arrays otherwise; NaN where a replicate
+    is NaN."""
+    _check_confidence(confidence)
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(np.asarray(replicates, dtype=float), [tail, 100.0 - tail], axis=-1)
+    if np.ndim(low) == 0:
+        return float(low), float(high)
+    return low, high
+
+
+def bootstrap_mean_interval(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE,
+                            resamples: int = DEFAULT_RESAMPLES,
+                            rng_seed: int = BOOTSTRAP_RNG_SEED) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of `values` (one per seed)."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D (one per seed), got shape {values.shape}")
+    return percentile_interval(values[bootstrap_draws(len(values), resamples, rng_seed)].mean(axis=1), confidence)
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    """A quantity measured once per seed: its mean, sample standard deviation (ddof 1) and the percentile-bootstrap
+    interval of the mean. std and the interval are NaN with one seed (no noise to measure from) and when a seed's
+    value is not finite (a diverged run, whose inf makes the mean inf)."""
+
+    mean: float
+    std: float
+    ci_low: float
+    ci_high: float
+    seeds: int
+
+    def contains(self, value: float) -> bool | None:
+        """Whether the interval holds `value`; None when there is no interval."""
+        if not (math.isfinite(self.ci_low) and math.isfinite(self.ci_high)):
+            return None
+        return self.ci_low <= value <= self.ci_high
+
+
+def seed_spread(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE, resamples: int = DEFAULT_RESAMPLES,
+                rng_seed: int = BOOTSTRAP_RNG_SEED) -> SeedSpread:
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"need a non-empty 1-D sequence of values, one per seed; got shape {values.shape}")
+    mean = float(values.mean())
+    if values.size < 2 or not np.all(np.isfinite(values)):
+        return SeedSpread(mean, math.nan, math.nan, math.nan, int(values.size))
+    low, high = bootstrap_mean_interval(values, confidence, resamples, rng_seed)
+    return SeedSpread(mean, float(values.std(ddof=1)), low, high, int(values.size))
+
+
+def average_ranks(values: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n of `values`; tied values share the mean of the ranks they span."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    ranks = np.empty(len(values))
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or ordered[end] != ordered[start]:
+            ranks[order[start:end]] = 0.5 * (start + end - 1) + 1
+            start = end
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks. NaN for fewer than two points; 0
+    when x or y is constant, which has no monotone trend to measure."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x {x.shape} and y {y.shape} must be 1-D of one length")
+    if len(x) < 2:
+        return math.nan
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    norm = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return 0.0 if norm == 0 else float(rx @ ry) / norm
+
+
+def select_by_mean(candidates: Mapping[Hashable, Sequence[float]]) -> Hashable | None:
+    """The candidate (e.g. a learning rate) whose values (e.g. final losses, one per seed) have the lowest mean. A
+    non-finite value (a diverged seed) makes a candidate's mean inf, so it never wins; None if every candidate has
+    one. Ties keep the first candidate."""
+    best, best_mean = None, math.inf
+    for key, values in candidates.items():
+        values = np.asarray(values, dtype=float)
+        if values.size == 0:
+            raise ValueError(f"candidate {key!r} has no values")
+        mean = float(values.mean()) if np.all(np.isfinite(values)) else math.inf
+        if mean < best_mean:
+            best, best_mean = key, mean
+    return best
+
+
+def grid_edge(grid: Sequence[float], chosen: float) -> str | None:
+    """"lowest" or "highest" when `chosen` is that end of a grid of at least two distinct values (the optimum may
+    lie beyond it); None inside the grid and for a one-point grid, which has no inside."""
+    values = sorted(set(float(g) for g in grid))
+    if len(values) < 2:
+        return None
+    if math.isclose(chosen, values[0], rel_tol=1e-9):
+        return "lowest"
+    if math.isclose(chosen, values[-1], rel_tol=1e-9):
+        return "highest"
+    return None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Values over batch sizes with their bootstrap intervals (NaN with one seed and where the value is NaN)."""
+
+    value: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """Reference vs candidate optimizer at one loss threshold, over batch sizes, from tokens to loss per seed.
+
+    Per batch: each optimizer's mean T_L, R = T_ref / T_cand (ratio of the means) and T_ref - T_cand, each with its
+    interval. Across the batches where R is defined (`compared`): `above_1_confidence` is the share of bootstrap
+    replicates with R > 1 at every one of them, so it is at least `confidence` exactly when the one-sided
+    percentile-bootstrap lower bound of min_B R_L(B) is above 1; `spearman` is the rank correlation of R with B
+    and `spearman_ci` its interval. With one seed every interval and the confidence are NaN.
+    """
+
+    batches: np.ndarray
+    seeds: int
+    confidence: float
+    tokens_reference: Estimate
+    tokens_candidate: Estimate
+    ratio: Estimate
+    difference: Estimate
+    compared: np.ndarray  # bool per batch: R defined (every seed of both optimizers reached L)
+    above_1_confidence: float
+    spearman: float
+    spearman_ci: tuple[float, float]
+
+    @property
+    def ratio_above_1_confident(self) -> bool | None:
+        """R_L(B) > 1 at every compared B at the stated confidence; None without an interval (one seed)."""
+        return None if math.isnan(self.above_1_confidence) else self.above_1_confidence >= self.confidence
+
+    @property
+    def ratio_increasing_confident(self) -> bool | None:
+        """R_L(B) increases with B: the Spearman interval lies above 0; None without an interval."""
+        return None if math.isnan(self.spearman_ci[0]) else self.spearman_ci[0] > 0
+
+
+def compare_optimizers(batches: Sequence[float], tokens_reference, tokens_candidate,
+                       confidence: float = DEFAULT_CONFIDENCE, resamples: int = DEFAULT_RESAMPLES,
+                       rng_seed: int = BOOTSTRAP_RNG_SEED) -> SeedComparison:
+    """`tokens_*[b, s]`: T_L of seed s at batch b (NaN: never reached). Seed s is the same seed label for both
+    optimizers and every batch, so one draw of seeds per replicate resamples them all."""
+    _check_confidence(confidence)
+    batches = np.asarray(batches, dtype=float)
+    ref, cand = np.asarray(tokens_reference, dtype=float), np.asarray(tokens_candidate, dtype=float)
+    if ref.shape != cand.shape or ref.ndim != 2 or ref.shape[0] != len(batches) or ref.shape[1] < 1:
+        raise ValueError(f"tokens must be (batches, seeds) arrays for {len(batches)} batches, got {ref.shape} and "
+                         f"{cand.shape}")
+    seeds = ref.shape[1]
+    mean_ref, mean_cand = ref.mean(axis=1), cand.mean(axis=1)
+    point = {"ref": mean_ref, "cand": mean_cand, "ratio": token_ratio(mean_ref, mean_cand),
+             "diff": mean_ref - mean_cand}
+    compared = np.isfinite(point["ratio"])
+    rho = spearman(batches[compared], point["ratio"][compared])
+    nan = np.full(len(batches), math.nan)
+    intervals = {name: (nan, nan) for name in point}
+    above_1, rho_ci = math.nan, (math.nan, math.nan)
+    if seeds >= 2:
+        draws = bootstrap_draws(seeds, resamples, rng_seed)
+        rep_ref, rep_cand = ref[:, draws].mean(axis=2), cand[:, draws].mean(axis=2)  # (batches, resamples)
+        replicates = {"ref": rep_ref, "cand": rep_cand, "ratio": token_ratio(rep_ref, rep_cand),
+                      "diff": rep_ref - rep_cand}
+        for name, reps in replicates.items():
+            low, high = percentile_interval(reps, confidence)
+            # A replicate may skip the seed that never reached L; the statistic itself is still undefined.
+            defined = np.isfinite(point[name])
+            intervals[name] = (np.where(defined, low, math.nan), np.where(defined, high, math.nan))
+        if compared.any():
+            ratios = replicates["ratio"][compared]
+            above_1 = float(np.mean(np.all(ratios > 1, axis=0)))
+            rho_ci = percentile_interval([spearman(batches[compared], ratios[:, r]) for r in range(resamples)],
+                                         confidence)
+
+    def estimate(name):
+        return Estimate(point[name], *intervals[name])
+
+    return SeedComparison(
+        batches=batches, seeds=seeds, confidence=confidence, tokens_reference=estimate("ref"),
+        tokens_candidate=estimate("cand"), ratio=estimate("ratio"), difference=estimate("diff"), compared=compared,
+        above_1_confidence=above_1, spearman=rho, spearman_ci=rho_ci,
+    )
+
+
+@dataclass(frozen=True)
+class RatioTable:
+    rows: list[dict]  # one per (threshold, batch run by both optimizers): the study's CSV
+    comparisons: list[SeedComparison]  # one per threshold
+    batches: list[int]
+    seeds: list[int]
+
+
 def ratio_table(
     curves: Sequence[LossCurve],
     thresholds: Sequence[float],
@@ -225,15 +460,20 @@ def ratio_table(
     tokens_per_second: dict[str, float] | None = None,
     reference: str = "adamw",
     candidate: str = "muon",
-) -> list[dict]:
-    """One row per (threshold, batch size run by both optimizers): T, S, R = T_ref / T_cand, T_ref - T_cand, and
-    the compute-time plane's devices and hours (devices from `device_rule`; hours from each optimizer's
-    per-device throughput, by default the median measured over its runs)."""
-    by_key: dict[tuple[str, int], LossCurve] = {}
+    confidence: float = DEFAULT_CONFIDENCE,
+    resamples: int = DEFAULT_RESAMPLES,
+    rng_seed: int = BOOTSTRAP_RNG_SEED,
+) -> RatioTable:
+    """Rows of T (mean over seeds), S, R = T_ref / T_cand, T_ref - T_cand, with `*_ci_low` / `*_ci_high` columns,
+    and the compute-time plane's devices and hours (devices from `device_rule`; hours from each optimizer's
+    per-device throughput, by default the median measured over its runs). Every (optimizer, batch) must have run
+    the same seeds: one draw of seed labels resamples them all."""
+    by_key: dict[tuple[str, int, int], LossCurve] = {}
     for c in curves:
-        key = (c.optimizer, c.batch_tokens)
+        key = (c.optimizer, c.batch_tokens, c.seed)
         if key in by_key:
-            raise ValueError(f"two runs of {c.optimizer} at {c.batch_tokens} tokens per step: choose one per batch")
+            raise ValueError(f"two runs of {c.optimizer} at {c.batch_tokens} tokens per step with seed {c.seed}: "
+                             "choose one per batch and seed")
         by_key[key] = c
     device_rule = device_rule or DeviceRule()
     if tokens_per_second is None:
@@ -241,22 +481,35 @@ def ratio_table(
             name: float(np.nanmedian([c.tokens_per_second for c in curves if c.optimizer == name] or [math.nan]))
             for name in (reference, candidate)
         }
-    batches = sorted({b for (name, b) in by_key if name == reference} & {b for (name, b) in by_key if name == candidate})
+    seeds_of: dict[tuple[str, int], set[int]] = {}
+    for name, batch, seed in by_key:
+        seeds_of.setdefault((name, batch), set()).add(seed)
+    batches = sorted({b for (name, b) in seeds_of if name == reference}
+                     & {b for (name, b) in seeds_of if name == candidate})
     if not batches:
         raise ValueError(f"no batch size was run with both {reference} and {candidate}")
-    rows = []
+    seed_sets = {cell: seeds for cell, seeds in seeds_of.items() if cell[1] in batches}
+    seeds = sorted(next(iter(seed_sets.values())))
+    if any(sorted(s) != seeds for s in seed_sets.values()):
+        raise ValueError("the (optimizer, batch) runs do not share one set of seeds, which the bootstrap resamples "
+                         "together: " + ", ".join(f"{o}@{b}: {sorted(s)}" for (o, b), s in sorted(seed_sets.items())))
+    rows, comparisons = [], []
     for threshold in thresholds:
-        for batch in batches:
-            t_ref = by_key[reference, batch].tokens_to_loss(threshold, beta)
-            t_cand = by_key[candidate, batch].tokens_to_loss(threshold, beta)
+        tokens = {name: [[by_key[name, b, s].tokens_to_loss(threshold, beta) for s in seeds] for b in batches]
+                  for name in (reference, candidate)}
+        comparison = compare_optimizers(batches, tokens[reference], tokens[candidate], confidence, resamples, rng_seed)
+        comparisons.append(comparison)
+        for i, batch in enumerate(batches):
+            row = dict(threshold=float(threshold), batch_tokens=batch, seeds=len(seeds))
+            for column, estimate in ((f"tokens_{reference}", comparison.tokens_reference),
+                                     (f"tokens_{candidate}", comparison.tokens_candidate),
+                                     ("ratio", comparison.ratio), ("token_difference", comparison.difference)):
+                row.update({column: float(estimate.value[i]), f"{column}_ci_low": float(estimate.ci_low[i]),
+                            f"{column}_ci_high": float(estimate.ci_high[i])})
             devices = device_rule(batch)
-            rows.append(dict(
-                threshold=float(threshold), batch_tokens=batch,
-                **{f"tokens_{reference}": t_ref, f"tokens_{candidate}": t_cand},
-                ratio=float(token_ratio(t_ref, t_cand)), token_difference=t_ref - t_cand,
-                **{f"steps_{reference}": t_ref / batch, f"steps_{candidate}": t_cand / batch},
-                devices=devices,
-                **{f"hours_{name}": hours_to_loss(t, devices, tokens_per_second[name])
-                   for name, t in ((reference, t_ref), (candidate, t_cand))},
-            ))
-    return rows
+            row.update({f"steps_{name}": row[f"tokens_{name}"] / batch for name in (reference, candidate)})
+            row["devices"] = devices
+            row.update({f"hours_{name}": hours_to_loss(row[f"tokens_{name}"], devices, tokens_per_second[name])
+                        for name in (reference, candidate)})
+            rows.append(row)
+    return RatioTable(rows=rows, comparisons=comparisons, batches=batches, seeds=seeds)

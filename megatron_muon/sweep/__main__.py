@@ -16,8 +16,10 @@ import argparse
 import json
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from megatron_muon.study.metrics import seed_spread
 from megatron_muon.sweep.runner import (
     DEFAULT_FIXED,
     DEFAULT_TEMPLATE,
@@ -25,6 +27,7 @@ from megatron_muon.sweep.runner import (
     SweepIncomplete,
     TelescopeConfig,
     TrialRunner,
+    chosen_values,
     run_brute_force,
     run_telescope,
 )
@@ -78,6 +81,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--objective", choices=("final", "smoothed"), default="final",
                    help="final: the trial's held-out loss at the end; smoothed: EMA(0.95) of its training curve")
     g.add_argument("--cost-exponent", type=float, default=2.0, help="cost of a run ~ width^this")
+    g.add_argument("--seeds", type=int, default=1,
+                   help="runs per grid point of the final stage and of the brute-force grid, with seeds --fixed "
+                        "seed, seed + 1, ...: the chosen point is reported with its spread over seeds")
+    g.add_argument("--seed-every-stage", action="store_true",
+                   help="--seeds for every stage, so each stage's optimum is a mean over seeds")
 
 
 def add_runner_args(p: argparse.ArgumentParser) -> None:
@@ -107,7 +115,8 @@ def config_from(args) -> TelescopeConfig:
         base_width=args.base_width, calibration_width=args.calibration_width,
         ranges=tuple(args.hp or [parse_range(r) for r in DEFAULT_RANGES]), points=args.points,
         final_width=args.final_width, template=template, fixed=fixed,
-        objective=args.objective, cost_exponent=args.cost_exponent,
+        objective=args.objective, cost_exponent=args.cost_exponent, seeds=args.seeds,
+        seed_every_stage=args.seed_every_stage,
     )
 
 
@@ -167,7 +176,18 @@ def cmd_plan(args) -> int:
     from megatron_muon.sweep.report import format_plan
 
     print(format_plan(plan))
+    if config.seeds > 1:
+        seeded = [s.index for s in plan.stages if config.seed_values(s) != [None]]
+        print(f"seeds: {config.seeds} runs per grid point at stage(s) {seeded} and of the brute-force grid")
     return 0
+
+
+def _columns(config) -> list[str]:
+    return ["width", *(r.name for r in config.ranges), *(["seed"] if config.seeds > 1 else [])]
+
+
+def _spread(point, objective: str) -> dict:
+    return asdict(seed_spread(point.values(objective)))
 
 
 def cmd_telescope(args) -> int:
@@ -176,9 +196,10 @@ def cmd_telescope(args) -> int:
 
     def body(runner):
         chosen = run_telescope(config, runner)
-        return dict(chosen=dict(zip(names, chosen)), store=str(args.store))
+        return dict(chosen=dict(zip(names, chosen_values(chosen, names))),
+                    chosen_loss=_spread(chosen, config.objective), store=str(args.store))
 
-    return run_with_store(args, config.fingerprint_dict(), ["width", *names], config.objective, body)
+    return run_with_store(args, config.fingerprint_dict(), _columns(config), config.objective, body)
 
 
 def cmd_brute(args) -> int:
@@ -189,9 +210,10 @@ def cmd_brute(args) -> int:
 
     def body(runner):
         chosen = run_brute_force(config, runner, width, points)
-        return dict(brute_force_optimum=dict(zip(names, chosen)), width=width, points=points)
+        return dict(brute_force_optimum=dict(zip(names, chosen_values(chosen, names))),
+                    optimum_loss=_spread(chosen, config.objective), width=width, points=points)
 
-    return run_with_store(args, config.fingerprint_dict(), ["width", *names], config.objective, body)
+    return run_with_store(args, config.fingerprint_dict(), _columns(config), config.objective, body)
 
 
 def cmd_report(args) -> int:

@@ -8,6 +8,12 @@ Files written to the report directory:
                            per-stage minima against width (Fig. 14)
     drift.png              the chosen value of each hyperparameter against width, with the stage's grid step
     report.md, summary.json
+
+A grid point run with several seeds counts as its mean over seeds (a diverged seed makes it inf); its spread over
+seeds (mean, std, bootstrap interval of the mean) is reported with each stage's optimum. The brute-force
+comparison judges the telescope's miss with that noise: the loss difference between the telescope's choice and the
+brute-force optimum, paired seed by seed, with its bootstrap interval, is reported as within the seed noise when
+the interval holds 0.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -23,8 +30,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from megatron_muon.study.metrics import power_law_fit  # noqa: E402
-from megatron_muon.sweep.runner import TelescopeConfig  # noqa: E402
+from megatron_muon.study.metrics import DEFAULT_CONFIDENCE, power_law_fit, seed_spread  # noqa: E402
+from megatron_muon.sweep.runner import GridPoint, TelescopeConfig, grid_points  # noqa: E402
 from megatron_muon.sweep.store import ResultStore, Trial  # noqa: E402
 from megatron_muon.sweep.telescope import TelescopePlan, economics  # noqa: E402
 
@@ -74,20 +81,20 @@ def economics_figure(grid_runs, levels, out: Path) -> list[dict]:
     return rows
 
 
-def _stage_offsets(trial: Trial, names) -> tuple[int, ...]:
+def _stage_offsets(point: GridPoint, names) -> tuple[int, ...]:
     """The grid position encoded in the key (name+offset per hyperparameter), e.g. telescope/s1/lr-1/wd+3."""
-    return tuple(int(part[len(name):]) for part, name in zip(trial.key.split("/")[2:], names))
+    return tuple(int(part[len(name):]) for part, name in zip(point.key.split("/")[2:], names))
 
 
-def _surface(ax, trials, names, spacing, objective, norm, best_params):
+def _surface(ax, points, names, spacing, objective, norm, best_params):
     """Cells of one stage on log axes; returns the mappable. Hyperparameters past the second are held at the best."""
     if len(names) > 2:
-        trials = [t for t in trials if all(math.isclose(t.params[n], best_params[n], rel_tol=1e-9) for n in names[2:])]
+        points = [p for p in points if all(math.isclose(p.params[n], best_params[n], rel_tol=1e-9) for n in names[2:])]
     mappable = None
-    for t in trials:
-        x, y = math.log(t.params[names[0]]), (math.log(t.params[names[1]]) if len(names) > 1 else 0.0)
+    for p in points:
+        x, y = math.log(p.params[names[0]]), (math.log(p.params[names[1]]) if len(names) > 1 else 0.0)
         hx, hy = spacing[0] / 2, (spacing[1] / 2 if len(names) > 1 else 0.5)
-        loss = t.objective(objective)
+        loss = p.loss(objective)
         value = np.array([[loss if math.isfinite(loss) else np.nan]])
         mappable = ax.pcolormesh(np.exp([x - hx, x + hx]), np.exp([y - hy, y + hy]) if len(names) > 1 else [0, 1],
                                  np.ma.masked_invalid(value), cmap="viridis", norm=norm, edgecolors="white",
@@ -95,10 +102,10 @@ def _surface(ax, trials, names, spacing, objective, norm, best_params):
     return mappable
 
 
-def _stage_plot(path, title, trials, names, spacing, objective, norm, best):
+def _stage_plot(path, title, points, names, spacing, objective, norm, best):
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.set_facecolor("0.75")  # diverged cells are masked: grey shows through
-    mappable = _surface(ax, trials, names, spacing, objective, norm, best.params)
+    mappable = _surface(ax, points, names, spacing, objective, norm, best.params)
     _finish_axes(ax, names, best)
     fig.colorbar(mappable, ax=ax, label=f"{objective} loss")
     ax.set_title(title, fontsize=9)
@@ -135,7 +142,9 @@ def write_report(store: ResultStore, out_dir: Path, loss_cap: float | None = Non
     by_stage: dict[int, list[Trial]] = defaultdict(list)
     for t in store.trials(kind="telescope"):
         by_stage[t.stage].append(t)
-    finite = [t.objective(objective) for ts in by_stage.values() for t in ts if math.isfinite(t.objective(objective))]
+    points_by_stage = {stage: grid_points(trials) for stage, trials in by_stage.items()}
+    finite = [loss for points in points_by_stage.values() for p in points
+              if p.finished and math.isfinite(loss := p.loss(objective))]
     if not finite:
         raise ValueError(f"{store.path} has no finished trial yet")
     vmax = min(max(finite), loss_cap) if loss_cap else max(finite)
@@ -144,25 +153,27 @@ def write_report(store: ResultStore, out_dir: Path, loss_cap: float | None = Non
     stages, best_by_stage = [], {}
     for stage in plan.stages:
         trials = by_stage.get(stage.index, [])
-        finished = [t for t in trials if t.finished and math.isfinite(t.objective(objective))]
-        row = dict(stage=stage.index, width=stage.width, runs=stage.runs, finished=sum(t.finished for t in trials),
-                   diverged=sum(t.status == "diverged" for t in trials))
+        seeds = len(config.seed_values(stage))
+        finished = [p for p in points_by_stage.get(stage.index, []) if p.finished and math.isfinite(p.loss(objective))]
+        row = dict(stage=stage.index, width=stage.width, runs=stage.runs * seeds, seeds=seeds,
+                   finished=sum(t.finished for t in trials), diverged=sum(t.status == "diverged" for t in trials))
         if finished:
-            best = min(finished, key=lambda t: t.objective(objective))
+            best = min(finished, key=lambda p: p.loss(objective))
             best_by_stage[stage.index] = best
             edge = stage.points - 1  # offsets are in half-steps: the outermost points sit at +-(points - 1)
             row.update(
-                best_loss=best.objective(objective),
+                best_loss=best.loss(objective),
+                best_spread=asdict(seed_spread(best.values(objective))),
                 chosen={n: best.params[n] for n in names},
                 on_grid_edge=stage.points > 1 and any(abs(o) == edge for o in _stage_offsets(best, names)),
-                losses=sorted(t.objective(objective) for t in finished),
+                losses=sorted(p.loss(objective) for p in finished),
             )
             prev = best_by_stage.get(stage.index - 1)
             if prev is not None:
                 row["drift_factor"] = {n: best.params[n] / prev.params[n] for n in names}
             _stage_plot(out_dir / f"stage{stage.index}_surface.png",
-                        f"stage {stage.index}: width {stage.width}, {len(finished)}/{stage.runs} runs, "
-                        f"best {best.objective(objective):.4f}",
+                        f"stage {stage.index}: width {stage.width}, {len(finished)}/{stage.runs} points, "
+                        f"best {best.loss(objective):.4f}" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""),
                         finished, names, stage.spacing, objective, norm, best)
         stages.append(row)
 
@@ -172,7 +183,7 @@ def write_report(store: ResultStore, out_dir: Path, loss_cap: float | None = Non
         mappable = None
         for stage in plan.stages:
             if stage.index in best_by_stage:
-                finished = [t for t in by_stage[stage.index] if t.finished]
+                finished = [p for p in points_by_stage[stage.index] if p.finished]
                 mappable = _surface(ax, finished, names, stage.spacing, objective, norm, best_by_stage[stage.index].params)
         _finish_axes(ax, names, best_by_stage[max(best_by_stage)])
         fig.colorbar(mappable, ax=ax, label=f"{objective} loss")
@@ -193,6 +204,7 @@ def write_report(store: ResultStore, out_dir: Path, loss_cap: float | None = Non
     summary = dict(
         store=str(store.path), objective=objective, complete=last is not None and stages[-1]["finished"] == stages[-1]["runs"],
         chosen={n: last.params[n] for n in names} if last else None,
+        chosen_spread=stages[-1].get("best_spread"), seeds=config.seeds, seed_every_stage=config.seed_every_stage,
         planned_sweep_cost=plan.sweep_cost, planned_final_run_share=plan.final_run_share,
         stages=[{k: v for k, v in s.items() if k != "losses"} for s in stages],
         power_law=fit, brute_force=brute,
@@ -259,8 +271,9 @@ def _drift_plot(path: Path, plan: TelescopePlan, best_by_stage: dict, names) -> 
 
 
 def _brute_force_comparison(store, brute_trials, plan, best_by_stage, objective) -> list[dict]:
-    """Per brute-force grid in the store: its optimum against the telescope's final choice, in grid cells, and the
-    telescope's cost as a share of the brute force's (model cost units ~ width^p, and measured wall time)."""
+    """Per brute-force grid in the store: its optimum against the telescope's final choice, in grid cells and in
+    loss with the seed noise, and the telescope's cost as a share of the brute force's (model cost units ~ width^p,
+    and measured wall time)."""
     groups: dict[tuple[int, str], list[Trial]] = defaultdict(list)
     for t in brute_trials:
         groups[t.width, t.key.split("/")[2]].append(t)
@@ -274,46 +287,82 @@ def _brute_force_comparison(store, brute_trials, plan, best_by_stage, objective)
     telescope_wall = sum(t.wall_s or 0.0 for t in telescope_trials)
     out = []
     for (width, points_tag), trials in sorted(groups.items()):
-        finished = [t for t in trials if t.finished and math.isfinite(t.objective(objective))]
+        finished = [p for p in grid_points(trials) if p.finished and math.isfinite(p.loss(objective))]
         if not finished:
             continue
         points = int(points_tag[1:])
-        brute_best = min(finished, key=lambda t: t.objective(objective))
+        brute_best = min(finished, key=lambda p: p.loss(objective))
         brute_cell = [r.log_span / (points - 1) for r in plan.ranges]
-        row = dict(width=width, points=points, runs=len(trials), finished=len(finished),
-                   optimum={n: brute_best.params[n] for n in names}, optimum_loss=brute_best.objective(objective))
+        row = dict(width=width, points=points, seeds=len(brute_best.trials), runs=len(trials),
+                   finished=sum(t.finished and math.isfinite(t.objective(objective)) for t in trials),
+                   optimum={n: brute_best.params[n] for n in names}, optimum_loss=brute_best.loss(objective),
+                   optimum_spread=asdict(seed_spread(brute_best.values(objective))))
         if chosen is not None:
             distance = [abs(math.log(chosen.params[n] / brute_best.params[n])) for n in names]
+            within_cell = all(d <= s * (1 + 1e-9) for d, s in zip(distance, brute_cell))
+            difference = _paired_difference(chosen, brute_best, objective)
+            within_noise = difference.contains(0.0)
             row.update(
                 telescope_choice={n: chosen.params[n] for n in names},
-                telescope_final_stage_loss=chosen.objective(objective),
+                telescope_final_stage_loss=chosen.loss(objective),
                 distance_in_final_cells={n: d / s for n, d, s in zip(names, distance, final_stage.spacing)},
                 distance_in_brute_cells={n: d / s for n, d, s in zip(names, distance, brute_cell)},
-                within_one_brute_cell=all(d <= s * (1 + 1e-9) for d, s in zip(distance, brute_cell)),
+                within_one_brute_cell=within_cell,
+                loss_difference=asdict(difference),
+                difference_within_seed_noise=within_noise,
+                within_one_brute_cell_or_seed_noise=within_cell or bool(within_noise),
                 telescope_cost_share=telescope_cost / (len(trials) * (width / plan.final_width) ** plan.cost_exponent),
                 telescope_wall_share=telescope_wall / max(1e-9, sum(t.wall_s or 0.0 for t in trials)),
             )
             # The brute grid's loss at the telescope's point, when the point lies on that grid.
-            same = [t for t in finished if all(math.isclose(t.params[n], chosen.params[n], rel_tol=1e-6) for n in names)]
+            same = [p for p in finished
+                    if all(math.isclose(p.params[n], chosen.params[n], rel_tol=1e-6) for n in names)]
             if same:
-                row["brute_loss_at_telescope_choice"] = same[0].objective(objective)
+                row["brute_loss_at_telescope_choice"] = same[0].loss(objective)
         out.append(row)
     return out
+
+
+def _paired_difference(telescope: GridPoint, brute: GridPoint, objective: str):
+    """Telescope loss - brute-force loss per seed, with the spread of its mean. Pairs need one set of seed labels:
+    seed i trains both points from the same init and data order at one width, so pairing cancels what they share.
+    Without common seeds (or with one) the difference has no interval."""
+    seeds = [t.params.get("seed") for t in telescope.trials]
+    by_seed = {t.params.get("seed"): t.objective(objective) for t in brute.trials}
+    if len(seeds) > 1 and sorted(seeds) == sorted(by_seed):
+        return seed_spread([t.objective(objective) - by_seed[t.params.get("seed")] for t in telescope.trials])
+    return seed_spread([telescope.loss(objective) - brute.loss(objective)])
 
 
 def _fmt(d: dict | None) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in d.items()) if d else ""
 
 
+def _with_spread(spread: dict | None, loss: float = math.nan) -> str:
+    """"3.1748" for one seed; "3.1748 +- 0.0040 [3.1710, 3.1790] (3 seeds)" with the spread over several."""
+    if not spread:
+        return f"{loss:.4f}"
+    text = f"{spread['mean']:.4f}"
+    if spread["seeds"] > 1 and math.isfinite(spread["std"]):
+        text += f" +- {spread['std']:.4f} [{spread['ci_low']:.4f}, {spread['ci_high']:.4f}] ({spread['seeds']} seeds)"
+    return text
+
+
 def _markdown(summary: dict, plan: TelescopePlan, names) -> str:
+    seeds = ""
+    if summary["seeds"] > 1:
+        where = "every stage" if summary["seed_every_stage"] else "the final stage"
+        seeds = (f" Seeds: {summary['seeds']} per grid point of {where} and of the brute-force grid; a point's loss is "
+                 f"its mean over seeds, +- the std over seeds, [{100 * DEFAULT_CONFIDENCE:g}% bootstrap interval of "
+                 "the mean].")
     lines = ["# Telescoping sweep report", "", "```", format_plan(plan), "```", "",
              f"Objective: {summary['objective']} loss. Complete: {summary['complete']}. "
-             f"Chosen: {_fmt(summary['chosen'])}.", "",
+             f"Chosen: {_fmt(summary['chosen'])}.{seeds}", "",
              "| stage | width | finished / runs | diverged | best loss | chosen | drift vs previous | on grid edge |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary["stages"]:
         lines.append(f"| {s['stage']} | {s['width']} | {s['finished']} / {s['runs']} | {s['diverged']} | "
-                     f"{s.get('best_loss', float('nan')):.4f} | {_fmt(s.get('chosen'))} | "
+                     f"{_with_spread(s.get('best_spread'), s.get('best_loss', math.nan))} | {_fmt(s.get('chosen'))} | "
                      f"{_fmt(s.get('drift_factor'))} | {s.get('on_grid_edge', '')} |")
     fit = summary["power_law"]
     if fit:
@@ -324,15 +373,27 @@ def _markdown(summary: dict, plan: TelescopePlan, names) -> str:
                       + (" Three widths determine the three parameters exactly, so the fit is no test of the law;"
                          " that takes a fourth width." if fit["widths"] == 3 else "")]
     for b in summary["brute_force"]:
-        lines += ["", f"Brute force at width {b['width']} ({b['points']}^{len(names)} = {b['runs']} runs, {b['finished']} "
-                      f"finished): optimum "
-                      f"{_fmt(b['optimum'])}, loss {b['optimum_loss']:.4f}."]
+        per_point = f" x {b['seeds']} seeds" if b["seeds"] > 1 else ""
+        lines += ["", f"Brute force at width {b['width']} ({b['points']}^{len(names)} points{per_point} = {b['runs']} "
+                      f"runs, {b['finished']} finished): optimum "
+                      f"{_fmt(b['optimum'])}, loss {_with_spread(b['optimum_spread'])}."]
         if "telescope_choice" in b:
             lines.append(f"Telescope's choice {_fmt(b['telescope_choice'])} is {_fmt(b['distance_in_final_cells'])} "
                          f"final-stage cells and {_fmt(b['distance_in_brute_cells'])} brute-force cells away "
                          f"(within one brute-force cell: {b['within_one_brute_cell']}); telescope compute = "
                          f"{100 * b['telescope_cost_share']:.1f}% of the brute force's in width^p units, "
                          f"{100 * b['telescope_wall_share']:.1f}% in measured wall time.")
+            difference = b["loss_difference"]
+            if b["difference_within_seed_noise"] is None:
+                lines.append(f"Loss of the telescope's choice minus the brute-force optimum's: "
+                             f"{difference['mean']:+.4f} (one seed: no noise to judge it by; --seeds 2 or more would).")
+            else:
+                verdict = ("within the seed noise: the interval holds 0, so the seeds cannot tell the two points apart"
+                           if b["difference_within_seed_noise"] else "larger than the seed noise")
+                lines.append(f"Loss of the telescope's choice minus the brute-force optimum's, paired by seed: "
+                             f"{difference['mean']:+.4f} [{difference['ci_low']:+.4f}, {difference['ci_high']:+.4f}] "
+                             f"over {difference['seeds']} seeds, {verdict} (within one cell or the seed noise: "
+                             f"{b['within_one_brute_cell_or_seed_noise']}).")
             if "brute_loss_at_telescope_choice" in b:
                 lines.append(f"Brute-force loss at the telescope's point: {b['brute_loss_at_telescope_choice']:.4f}.")
     lines += ["", "Figures: " + ", ".join(f"![{p}]({p})" for p in

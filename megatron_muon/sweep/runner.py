@@ -10,7 +10,9 @@ Finished trials are never launched again.
 
 The telescope driver runs Algorithm 1 stage by stage: a stage's centre and its trials are fixed in the store in
 one transaction when the stage starts, so a resumed sweep runs exactly the grid it started with, and the next
-stage starts only when every trial of the current one has finished.
+stage starts only when every trial of the current one has finished. With `seeds` > 1 every grid point of the final
+stage (of every stage with `seed_every_stage`) and of the brute-force grid runs once per seed (the fixed `seed`,
+seed + 1, ...); a point's loss is then the mean over its seeds, and a diverged seed makes it inf.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from megatron_muon.study.metrics import ema
 from megatron_muon.sweep.backends import ENDED, RUNNING, Launch, backend_of
@@ -239,6 +243,8 @@ class TelescopeConfig:
     fixed: dict = field(default_factory=lambda: dict(DEFAULT_FIXED))
     objective: str = "final"  # final = held-out loss at the end; smoothed = EMA of the training curve
     cost_exponent: float = 2.0
+    seeds: int = 1  # per grid point of the final stage and of the brute-force grid
+    seed_every_stage: bool = False  # and of every earlier stage
 
     def __post_init__(self):
         if self.objective not in ("final", "smoothed"):
@@ -248,15 +254,34 @@ class TelescopeConfig:
             raise ValueError(f"{sorted(overlap)} are both fixed and swept")
         check_template(self.template, [*self.fixed, "width", *(r.name for r in self.ranges)],
                        swept=[r.name for r in self.ranges])
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.seed_every_stage and self.seeds == 1:
+            raise ValueError("--seed-every-stage needs --seeds 2 or more")
+        seed_reaches_trial = "seed" in template_fields(self.template) and isinstance(self.fixed.get("seed"), int)
+        if self.seeds > 1 and not seed_reaches_trial:
+            raise ValueError("--seeds > 1 needs a {seed} field in the trial template and an integer --fixed seed "
+                             "(the first seed), or every seed is the same run")
         self.plan()  # widths, points, k: refused here, before any store is created
 
     def plan(self) -> TelescopePlan:
         return plan_telescope(self.base_width, self.calibration_width, self.ranges, self.points,
                               final_width=self.final_width, cost_exponent=self.cost_exponent)
 
+    def seed_values(self, stage: Stage | None = None) -> list[int | None]:
+        """The seeds each grid point of `stage` (None: the brute-force grid) runs with; [None] means the one run
+        of the fixed parameters."""
+        last = self.plan().stages[-1].index
+        if self.seeds == 1 or (stage is not None and stage.index != last and not self.seed_every_stage):
+            return [None]
+        return [self.fixed["seed"] + i for i in range(self.seeds)]
+
     def fingerprint_dict(self) -> dict:
         d = asdict(self)
         d["ranges"] = [[r.name, r.low, r.high] for r in self.ranges]
+        # Absent at their defaults, so a one-seed sweep has the fingerprint stores were made with before seeds.
+        if d["seeds"] == 1:
+            del d["seeds"], d["seed_every_stage"]
         return dict(kind="telescope", **d)
 
     @classmethod
@@ -270,22 +295,74 @@ def stage_key(stage: Stage, names: Sequence[str], offset: Sequence[int]) -> str:
     return f"telescope/s{stage.index}/" + "/".join(f"{n}{o:+d}" for n, o in zip(names, offset))
 
 
+SEED_SUFFIX = re.compile(r"/seed\d+$")
+
+
+def seeded_specs(key: str, kind: str, stage: int | None, width: int, params: dict,
+                 seeds: Sequence[int | None]) -> list[TrialSpec]:
+    """One trial per seed of a grid point, keyed <key>/seed<seed>; a point of one unseeded run keeps <key>."""
+    return [TrialSpec(key if seed is None else f"{key}/seed{seed}", kind, stage, width,
+                      params if seed is None else dict(params, seed=seed)) for seed in seeds]
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """The trials of one grid point, one per seed, in trial order."""
+
+    key: str  # the trials' key without the seed
+    trials: tuple[Trial, ...]
+
+    @property
+    def params(self) -> dict:
+        return self.trials[0].params
+
+    @property
+    def finished(self) -> bool:
+        return all(t.finished for t in self.trials)
+
+    def values(self, objective: str) -> list[float]:
+        return [t.objective(objective) for t in self.trials]
+
+    def loss(self, objective: str) -> float:
+        """Mean over seeds; a diverged seed (inf) makes it inf, so a point that diverges for some seed never wins."""
+        return float(np.mean(self.values(objective)))
+
+
+def grid_points(trials: Sequence[Trial]) -> list[GridPoint]:
+    """Trials grouped by grid point (their key without /seed<n>), in the order the points first appear."""
+    groups: dict[str, list[Trial]] = {}
+    for t in trials:
+        groups.setdefault(SEED_SUFFIX.sub("", t.key), []).append(t)
+    return [GridPoint(key, tuple(ts)) for key, ts in groups.items()]
+
+
 def stage_specs(config: TelescopeConfig, stage: Stage, log_centre: Sequence[float]) -> list[TrialSpec]:
     names = [r.name for r in config.ranges]
     specs = []
     for offset in stage.offsets():
         point = stage.log_point(log_centre, offset)
         params = dict(config.fixed, width=stage.width, **{n: math.exp(v) for n, v in zip(names, point)})
-        specs.append(TrialSpec(stage_key(stage, names, offset), "telescope", stage.index, stage.width, params))
+        specs += seeded_specs(stage_key(stage, names, offset), "telescope", stage.index, stage.width, params,
+                              config.seed_values(stage))
     return specs
 
 
+def best_point(trials: Sequence[Trial], names: Sequence[str], objective: str) -> GridPoint:
+    """The grid point of lowest mean loss over its seeds (argmin_point's rules: diverged never wins, ties first)."""
+    points = {tuple(math.log(p.params[n]) for n in names): p for p in grid_points(trials)}
+    return points[argmin_point((log_point, p.loss(objective)) for log_point, p in points.items())]
+
+
 def best_log_point(trials: Sequence[Trial], names: Sequence[str], objective: str) -> tuple[float, ...]:
-    return argmin_point((tuple(math.log(t.params[n]) for n in names), t.objective(objective)) for t in trials)
+    return tuple(math.log(v) for v in chosen_values(best_point(trials, names, objective), names))
 
 
-def run_telescope(config: TelescopeConfig, runner: TrialRunner) -> tuple[float, ...]:
-    """All stages in order; returns the chosen hyperparameter values (the last stage's optimum)."""
+def chosen_values(point: GridPoint, names: Sequence[str]) -> tuple[float, ...]:
+    return tuple(point.params[n] for n in names)
+
+
+def run_telescope(config: TelescopeConfig, runner: TrialRunner) -> GridPoint:
+    """All stages in order; returns the chosen grid point (the last stage's optimum) with its seeds' trials."""
     plan = config.plan()
     names = plan.names
     store = runner.store
@@ -297,8 +374,8 @@ def run_telescope(config: TelescopeConfig, runner: TrialRunner) -> tuple[float, 
             centre = plan.base_log_centre if stage.index == 0 else best_log_point(previous, names, config.objective)
             store.fix_stage(stage.index, stage.width, centre, stage_specs(config, stage, centre))
         keys = [s.key for s in stage_specs(config, stage, centre)]
-        previous = runner.drive(keys, f"stage {stage.index}: width {stage.width}, {stage.runs} runs")
-    return tuple(math.exp(v) for v in best_log_point(previous, names, config.objective))
+        previous = runner.drive(keys, f"stage {stage.index}: width {stage.width}, {len(keys)} runs")
+    return best_point(previous, names, config.objective)
 
 
 def brute_force_specs(config: TelescopeConfig, width: int, points: int) -> list[TrialSpec]:
@@ -310,13 +387,13 @@ def brute_force_specs(config: TelescopeConfig, width: int, points: int) -> list[
         point = brute.log_point(config.plan().base_log_centre, offset)
         params = dict(config.fixed, width=width, **{n: math.exp(v) for n, v in zip(names, point)})
         key = f"brute_force/w{width}/p{points}/" + "/".join(f"{n}{o:+d}" for n, o in zip(names, offset))
-        specs.append(TrialSpec(key, "brute_force", None, width, params))
+        specs += seeded_specs(key, "brute_force", None, width, params, config.seed_values())
     return specs
 
 
-def run_brute_force(config: TelescopeConfig, runner: TrialRunner, width: int, points: int) -> tuple[float, ...]:
+def run_brute_force(config: TelescopeConfig, runner: TrialRunner, width: int, points: int) -> GridPoint:
     runner.recover()
     specs = brute_force_specs(config, width, points)
     runner.store.add_trials(specs)
     trials = runner.drive([s.key for s in specs], f"brute force: width {width}, {len(specs)} runs")
-    return tuple(math.exp(v) for v in best_log_point(trials, [r.name for r in config.ranges], config.objective))
+    return best_point(trials, [r.name for r in config.ranges], config.objective)
