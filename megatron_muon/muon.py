@@ -45,17 +45,68 @@ def update_scale(mode: str, fan_out: int, fan_in: int, extra_factor: float = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The two update rules as in-place tensor functions (shared with the distributed optimizer).
+# The two update rules as in-place tensor functions (shared with the distributed optimizer), over lists of tensors
+# (`torch._foreach_*`: on a GPU one multi-tensor kernel per op for a whole param group, not one kernel per
+# parameter; on the CPU the same per-tensor kernels). The single-tensor update and AdamW call them with one tensor.
 # ---------------------------------------------------------------------------------------------------------------
+def advance_momenta(grads: list[torch.Tensor], momenta: list[torch.Tensor], beta: float) -> list[torch.Tensor]:
+    """M <- G + beta M, as new tensors (the momenta are left as they are)."""
+    advanced = torch._foreach_mul(momenta, beta)
+    torch._foreach_add_(advanced, grads)
+    return advanced
+
+
+def muon_directions_(out: list[torch.Tensor], grads: list[torch.Tensor], momenta: list[torch.Tensor], beta: float,
+                     nesterov: bool) -> None:
+    """Write the matrices to orthogonalize into `out`: G + beta M (Nesterov, M already advanced) or M."""
+    torch._foreach_copy_(out, grads if nesterov else momenta)
+    if nesterov:
+        torch._foreach_add_(out, momenta, alpha=beta)
+
+
 def muon_direction(grad: torch.Tensor, momentum: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:
-    """Advance `momentum` in place (M <- G + beta M) and return the matrix to orthogonalize."""
+    """Advance `momentum` in place (M <- G + beta M) and return the matrix to orthogonalize: the same arithmetic
+    as `advance_momenta` and `muon_directions_`, for the single-device Muon, which updates its state directly."""
     momentum.mul_(beta).add_(grad)
     return grad.add(momentum, alpha=beta) if nesterov else momentum
 
 
+def apply_muon_updates_(params: list[torch.Tensor], orthogonals: list[torch.Tensor], lr: float, weight_decay: float,
+                        scale: float) -> None:
+    """W <- W - lr * (scale * O + wd * W), in place, for every W."""
+    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_add_(params, [o.to(p.dtype) for p, o in zip(params, orthogonals)], alpha=-lr * scale)
+
+
 def apply_muon_update_(param: torch.Tensor, orthogonal: torch.Tensor, lr: float, weight_decay: float, scale: float):
     """W <- W - lr * (scale * O + wd * W), in place."""
-    param.mul_(1.0 - lr * weight_decay).add_(orthogonal.to(param.dtype), alpha=-lr * scale)
+    apply_muon_updates_([param], [orthogonal], lr, weight_decay, scale)
+
+
+def adamw_updates_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step (torch.optim.AdamW's formula, bias-corrected), in place, for parameters sharing `step` and the
+    hyperparameters; `step` counts from 1."""
+    beta1, beta2 = betas
+    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    bias1 = 1.0 - beta1**step
+    bias2 = 1.0 - beta2**step
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, math.sqrt(bias2))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr / bias1)
 
 
 def adamw_update_(
@@ -70,14 +121,7 @@ def adamw_update_(
     weight_decay: float,
 ):
     """One AdamW step (torch.optim.AdamW's formula, bias-corrected), in place; `step` counts from 1."""
-    beta1, beta2 = betas
-    param.mul_(1.0 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    bias1 = 1.0 - beta1**step
-    bias2 = 1.0 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / bias1)
+    adamw_updates_([param], [grad], [exp_avg], [exp_avg_sq], step, lr, betas, eps, weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------------------

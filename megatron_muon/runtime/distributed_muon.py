@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_muon.muon import adamw_update_, apply_muon_update_, muon_direction, update_scale
+from megatron_muon.muon import adamw_updates_, advance_momenta, apply_muon_updates_, muon_directions_, update_scale
 from megatron_muon.muon_config import MuonConfig
 from megatron_muon.newton_schulz import check_precision, orthogonalize, precision_schedule
 from megatron_muon.pieces import Block, pieces_of
 from megatron_muon.plan import LogicalMatrix, OrthogonalizationPlan, plan_orthogonalization
-from megatron_muon.runtime.exchange import Flat, Route, RouteTable, run_exchange
+from megatron_muon.runtime.exchange import PADDING, Exchange, Route, RouteTable, Slot
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,14 @@ class Holding:
 
 @dataclass
 class StepStats:
-    """What the last Muon step cost this rank; bytes exclude pieces a rank keeps for itself."""
+    """What the last Muon step cost this rank; bytes exclude pieces a rank keeps for itself. `index_bytes`: the
+    memory its exchanges' index tensors hold between steps."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
     ns_flops: int = 0
     orthogonalized: list[str] = field(default_factory=list)
+    index_bytes: int = 0
 
 
 def wire_dtype(settings: MuonConfig) -> torch.dtype:
@@ -145,26 +147,58 @@ class DistributedMuonStep:
         self.gather = RouteTable(*gather, self.me)
         self.scatter = RouteTable(*scatter, self.me)
         self.my_stacks = [s for s in self.plan.stacks if s.home == self.me]
+        # The matrices this rank orthogonalizes, stack after stack in one fp32 buffer (padded, see exchange.py): the
+        # gather assembles every stack in place, and each stack is a [n, rows, cols] view of it, batched into
+        # Newton-Schulz with no copy.
+        self.homed: dict[str, Slot] = {}
+        self.stack_numels = [len(st.names) * st.rows * st.cols for st in self.my_stacks]
+        offset = 0
+        for st in self.my_stacks:
+            for name in st.names:
+                self.homed[name] = Slot(offset, st.rows * st.cols, st.cols)
+                offset += st.rows * st.cols
+        self._exchanges: tuple[Exchange, Exchange] | None = None
 
-    def __call__(self, directions: dict[str, Flat], updates: dict[str, Flat]) -> StepStats:
-        """Orthogonalize: pieces of U in `directions` -> pieces of scale * O written into `updates`."""
-        s, device = self.settings, self.device
-        # Each stack's matrices are assembled straight into one [n, rows, cols] tensor: no copy before NS.
-        stacked = [torch.zeros(len(st.names), st.rows, st.cols, dtype=torch.float32, device=device) for st in self.my_stacks]
-        homed = {name: t[i] for st, t in zip(self.my_stacks, stacked) for i, name in enumerate(st.names)}
-        run_exchange(self.gather, directions, homed, self.group, self.wire_dtype, device)
-        stats = StepStats()
-        for stack, matrices in zip(self.my_stacks, stacked):
+    def place(self, held: dict[str, Slot]) -> None:
+        """Compile both exchanges for where this rank's weights sit in its flat buffer of directions and updates:
+        one `Slot` per weight key it holds (a shard of the local weight, or all of it), covering the buffer (whose
+        PADDING more elements follow)."""
+        numel = sum(slot.numel for slot in held.values())
+        self._exchanges = (
+            Exchange(self.gather, held, self.homed, sum(self.stack_numels), self.device),
+            Exchange(self.scatter, self.homed, held, numel, self.device),
+        )
+
+    def __call__(self, directions: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
+        """Orthogonalize: U, laid out as `place` said (and padded) -> scale * O for the same elements (padded the
+        same way), in U's dtype."""
+        if self._exchanges is None:
+            raise RuntimeError("DistributedMuonStep called before place(): bind it to an optimizer first")
+        s, (gather, scatter) = self.settings, self._exchanges
+        homed = gather(directions, self.wire_dtype, torch.float32, self.group)
+        stats = StepStats(index_bytes=gather.index_bytes + scatter.index_bytes)
+        stacks = homed.split([*self.stack_numels, homed.numel() - sum(self.stack_numels)])
+        for stack, flat in zip(self.my_stacks, stacks):
+            matrices = flat.view(len(stack.names), stack.rows, stack.cols)
             ortho = orthogonalize(matrices, s.ns_steps, s.coefficients, s.ns_precision, method=s.ns_method)
-            ortho.mul_(update_scale(s.scale_mode, stack.rows, stack.cols, s.extra_scale_factor))
-            homed.update(zip(stack.names, ortho))
+            # Scaled straight back into the stack's place: the scatter reads every stack from one buffer.
+            torch.mul(ortho, update_scale(s.scale_mode, stack.rows, stack.cols, s.extra_scale_factor), out=matrices)
             stats.ns_flops += stack.flops
             stats.orthogonalized.extend(stack.names)
-        run_exchange(self.scatter, homed, updates, self.group, self.wire_dtype, device)
+        updates = scatter(homed, self.wire_dtype, directions.dtype, self.group)
         (g_out, g_in), (s_out, s_in) = self.gather.wire_elements(), self.scatter.wire_elements()
         size = self.wire_dtype.itemsize
         stats.bytes_sent, stats.bytes_received = size * (g_out + s_out), size * (g_in + s_in)
-        return stats
+        return updates, stats
+
+
+@dataclass
+class _Prepared:
+    """A prepared step, held until `apply`: the advanced momentum and the update of every Muon main param."""
+
+    momenta: list[torch.Tensor]
+    advanced: list[torch.Tensor]
+    groups: list[tuple[dict, list[torch.Tensor], list[torch.Tensor]]]  # (group, params, their updates)
 
 
 class ShardedMuonAdamW(torch.optim.Optimizer):
@@ -172,6 +206,11 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
 
     Constructed over model parameters; a wrapper that swaps in main params (Megatron's) calls `bind()` with the
     step routing and, per Muon main param, its key and the first element of the local weight it covers.
+
+    Every update rule runs over all parameters of a group at once (`torch._foreach_*`), and the Muon main params
+    of all groups share one flat buffer per step, for the directions and then for their updates, so the
+    exchange moves every piece with a constant number of ops: a step's op count does not grow with the number of
+    parameters.
     """
 
     def __init__(
@@ -195,14 +234,31 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
         self.adam_eps = adam_eps
         self.last_step = StepStats()
         self.skipped = False  # the last step's orthogonalized update was not finite somewhere: nothing applied
-        self._pending = None
+        self._pending: _Prepared | None = None
         self._routing: DistributedMuonStep | None = None
-        self._where: dict[torch.Tensor, tuple[str, int, int]] = {}
+        self._buffer_dtype = torch.float32
+
+    def _muon_groups(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        # Walked at every step: Megatron's checkpoint loading replaces the group dicts (the params stay).
+        return [(g, g["params"]) for g in self.param_groups if g["use_muon"] and g["params"]]
 
     def bind(self, routing: DistributedMuonStep, where: dict[torch.Tensor, tuple[str, int, int]]) -> None:
-        """where: Muon main param -> (weight key, first local element it covers, local weight's cols)."""
+        """where: Muon main param -> (weight key, first local element it covers, local weight's cols).
+
+        The Muon main params, in group order, make up one flat buffer; the routing compiles its exchanges for it.
+        """
+        params = [p for _, group_params in self._muon_groups() for p in group_params]
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise ValueError(f"Muon main params of one optimizer must share a dtype (one flat buffer), got {dtypes}")
+        held, offset = {}, 0
+        for p in params:
+            key, start, cols = where[p]
+            held[key] = Slot(offset, p.numel(), cols, start)
+            offset += p.numel()
+        routing.place(held)
         self._routing = routing
-        self._where = where
+        self._buffer_dtype = dtypes.pop() if dtypes else torch.float32
 
     def init_state(self) -> None:
         """Create every state tensor (Megatron calls this before loading a checkpoint into the state).
@@ -244,44 +300,58 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
         if self._routing is None:
             raise RuntimeError("ShardedMuonAdamW.step() before bind(): build it with build_muon_optimizer()")
         self.init_state()
-        beta, nesterov = self.settings.momentum, self.settings.nesterov
-        directions, updates, pending = {}, {}, []
-        for group in self.param_groups:
-            if not group["use_muon"]:
-                continue
-            for p in group["params"]:
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                # M <- G + beta M, kept aside (same operations as the in-place form) until the step is known good.
-                advanced = self.state[p]["momentum_buffer"] * beta
-                advanced.add_(grad)
-                u = grad.add(advanced, alpha=beta) if nesterov else advanced
-                key, start, cols = self._where[p]
-                directions[key] = Flat(u.reshape(-1), start, cols)
-                updates[key] = Flat(torch.empty(p.numel(), dtype=torch.float32, device=p.device), start, cols)
-                pending.append((p, group, advanced, updates[key].tensor))
-        self.last_step = self._routing(directions, updates)
-        self._pending = pending
-        if not pending:
+        groups = self._muon_groups()
+        params = [p for _, group_params in groups for p in group_params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        momenta = [self.state[p]["momentum_buffer"] for p in params]
+        beta = self.settings.momentum
+        # M <- G + beta M into new tensors, kept aside until the step is known good.
+        advanced = advance_momenta(grads, momenta, beta) if params else []
+        device = params[0].device if params else self._routing.device
+        numel = sum(p.numel() for p in params)
+        directions = torch.empty(numel + PADDING, dtype=self._buffer_dtype, device=device)
+        if params:
+            muon_directions_(self._param_views(directions, params), grads, advanced, beta, self.settings.nesterov)
+        updates, self.last_step = self._routing(directions)
+        views, groups_updates = self._param_views(updates, params), []
+        for group, group_params in groups:
+            groups_updates.append((group, group_params, views[: len(group_params)]))
+            views = views[len(group_params) :]
+        self._pending = _Prepared(momenta, advanced, groups_updates)
+        if numel == 0:
             return torch.ones((), dtype=torch.bool, device=self._routing.device)
-        # A max-norm is inf or nan exactly when some element is: one reduction per piece, no host sync here.
-        return torch.stack(torch._foreach_norm([u for *_, u in pending], float("inf"))).isfinite().all()
+        # A max-norm is inf or nan exactly when some element is: one reduction, no host sync here.
+        return torch.linalg.vector_norm(updates[:numel], float("inf")).isfinite()
+
+    @staticmethod
+    def _param_views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The start of the padded buffer `flat` as consecutive tensors shaped like `params`: one split, plus a
+        view per param that is not 1-D (Megatron's distributed optimizer hands out 1-D shards)."""
+        pieces = flat.split([*(p.numel() for p in params), flat.numel() - sum(p.numel() for p in params)])
+        return [v if p.dim() == 1 else v.view(p.shape) for v, p in zip(pieces, params)]
 
     def apply(self) -> None:
         """Phase 2: commit the momentum, apply the Muon updates and take the AdamW step."""
-        for p, group, advanced, update in self._pending:
-            self.state[p]["momentum_buffer"].copy_(advanced)
-            apply_muon_update_(p, update.view_as(p), group["lr"], group["weight_decay"], 1.0)
-        self._pending = None
+        prepared, self._pending = self._pending, None
+        if prepared.momenta:
+            torch._foreach_copy_(prepared.momenta, prepared.advanced)
+        for group, params, updates in prepared.groups:
+            apply_muon_updates_(params, updates, group["lr"], group["weight_decay"], 1.0)
         for group in self.param_groups:
             group["step"] += 1
-            for p in group["params"]:
-                state = self.state[p]
-                state["step"].fill_(group["step"])
-                if group["use_muon"]:
-                    continue
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], group["step"], group["lr"],
-                              self.adam_betas, group.get("eps", self.adam_eps), group["weight_decay"])
+            params = group["params"]
+            if not params:
+                continue
+            steps = [self.state[p]["step"] for p in params]
+            # Set, not incremented: a step tensor shared by several params (as Megatron's loader leaves them) is
+            # then right too.
+            torch._foreach_copy_(steps, [torch.full_like(steps[0], float(group["step"]))] * len(steps))
+            if group["use_muon"]:
+                continue
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            adamw_updates_(params, grads, [self.state[p]["exp_avg"] for p in params],
+                           [self.state[p]["exp_avg_sq"] for p in params], group["step"], group["lr"],
+                           self.adam_betas, group.get("eps", self.adam_eps), group["weight_decay"])
 
     def discard(self) -> None:
         self._pending = None

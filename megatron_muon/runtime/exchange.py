@@ -2,12 +2,26 @@
 
 A `Route` copies one rectangle of a tensor on this rank into one rectangle of a tensor on a peer. A
 `RouteTable` lists, per peer of a process group, the routes this rank sends and the routes it receives, in
-the same order on both ends (both ends derive them from the same deterministic plan). `run_exchange` packs
-every outgoing rectangle into one flat buffer, runs a single `all_to_all_single`, and unpacks the incoming
-ones; rectangles whose peer is this rank are copied directly, never sent.
+the same order on both ends (both ends derive them from the same deterministic plan).
 
-Tensors are addressed by key in a mapping. A tensor is either 2-D (rectangles index it directly) or a flat
-1-D shard holding elements [start, start + numel) of a row-major [rows, cols] tensor, described by `Flat`.
+Tensors are addressed by key and live in one flat buffer per side: a `Slot` says where a keyed tensor sits in
+its buffer, and the tensor is either a whole row-major [rows, cols] matrix or a 1-D shard holding its elements
+[start, start + numel). `Exchange` compiles a route table against the slots of both sides, once, and a call is
+then the same few ops however many pieces there are (on a GPU, a step of one kernel per piece is bound by
+launches): a gather that packs every outgoing element in wire order (peer after peer, routes in table order), a
+cast to the wire dtype, one `all_to_all_single`, and a gather that builds the whole destination buffer from what
+arrived, then a cast. Routes a rank sends to itself take the same path, so they are rounded to the wire dtype like
+every other piece and the result does not depend on which pieces happened to be local; the collective copies
+them locally (they never reach the wire).
+
+A gather is compiled from runs, stretches contiguous in both its source and its output (a piece's rows, merged
+where they continue each other), rather than from an index per element, which would hold 4 to 8 bytes per element
+moved: four times the Muon momentum for both directions together. The output is cut into blocks of `BLOCK`
+elements; a block inside one run is one window of the source (one index_select over a sliding-window view of
+it), and only the elements of blocks that straddle a run boundary (at most one block per run) get an index of
+their own. Hence `PADDING`: a window may read up to BLOCK - 1 elements past the data, so every buffer a gather
+reads carries that many more elements; the buffers a gather returns are padded the same way, so they can be
+read by the next gather as they are.
 """
 
 from __future__ import annotations
@@ -20,26 +34,28 @@ import torch.distributed as dist
 
 from megatron_muon.pieces import Rect
 
+BLOCK = 64
+PADDING = BLOCK
+
 
 @dataclass(frozen=True)
-class Flat:
-    """A 1-D tensor holding elements [start, start + numel) of a row-major tensor with `cols` columns."""
+class Slot:
+    """A tensor at positions [offset, offset + numel) of a flat buffer, holding elements [start, start + numel) of a
+    row-major tensor with `cols` columns (start 0 and numel rows * cols: a whole matrix)."""
 
-    tensor: torch.Tensor
-    start: int
+    offset: int
+    numel: int
     cols: int
+    start: int = 0
 
-
-def rect_view(target: torch.Tensor | Flat, rect: Rect) -> torch.Tensor:
-    """A [rows, cols] view of `rect` inside `target` (writes through)."""
-    if isinstance(target, Flat):
-        offset = rect.row0 * target.cols + rect.col0 - target.start
-        if offset < 0 or offset + (rect.rows - 1) * target.cols + rect.cols > target.tensor.numel():
-            raise IndexError(f"{rect} is outside the flat shard starting at {target.start}")
-        return target.tensor.as_strided(
-            (rect.rows, rect.cols), (target.cols, 1), target.tensor.storage_offset() + offset
-        )
-    return target[rect.row0 : rect.row0 + rect.rows, rect.col0 : rect.col0 + rect.cols]
+    def row_starts(self, rect: Rect) -> torch.Tensor:
+        """Buffer position of the first element of each of `rect`'s rows (int64, on the CPU)."""
+        first = rect.row0 * self.cols + rect.col0 - self.start
+        end = (rect.row0 + rect.rows - 1) * self.cols + rect.col0 + rect.cols - self.start
+        if rect.col0 + rect.cols > self.cols or first < 0 or end > self.numel:
+            raise IndexError(f"{rect} is outside elements [{self.start}, {self.start + self.numel}) of a tensor "
+                             f"with {self.cols} columns")
+        return self.offset + first + torch.arange(rect.rows, dtype=torch.int64) * self.cols
 
 
 @dataclass(frozen=True)
@@ -76,49 +92,129 @@ class RouteTable:
         return sent, received
 
 
-def run_exchange(
-    table: RouteTable,
-    sources: Mapping[str, torch.Tensor | Flat],
-    destinations: Mapping[str, torch.Tensor | Flat],
-    group: dist.ProcessGroup | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> None:
-    """Copy every routed rectangle from `sources` on the senders into `destinations` on the receivers.
+def _index(positions: torch.Tensor, device: torch.device, long: bool = False) -> torch.Tensor:
+    # index_select takes int32 indices: half the memory, as long as every position fits (index_copy_ wants int64).
+    small = not long and (positions.numel() == 0 or int(positions.max()) < 2**31)
+    return positions.to(device=device, dtype=torch.int32 if small else torch.int64)
 
-    Values travel as `dtype`; rectangles a rank routes to itself are rounded to it too, so the result does not
-    depend on which pieces happened to be local.
+
+class RunGather:
+    """out[i] = source[i's source position] for i < n, compiled from runs that tile the output [0, n) exactly once.
+
+    A run is (output position, source position, length): `length` elements contiguous in both. The source must
+    hold at least PADDING elements after the last position any run reads (see the module docstring).
     """
-    me = table.my_rank
-    for out, into in zip(table.sends[me], table.recvs[me]):
-        rect_view(destinations[into.dst_key], into.dst).copy_(rect_view(sources[out.src_key], out.src).to(dtype))
 
-    if len(table.sends) == 1:
-        return
-    # all_to_all is collective: a rank with nothing of its own to move still joins its peers' exchange.
-    send_sizes = [0 if peer == me else n for peer, n in enumerate(table.sent_elements)]
-    recv_sizes = [0 if peer == me else n for peer, n in enumerate(table.received_elements)]
-    send = torch.empty(sum(send_sizes), dtype=dtype, device=device)
-    offset = 0
-    for peer, routes in enumerate(table.sends):
-        if peer == me:
-            continue
-        for route in routes:
-            n = route.src.numel
-            send[offset : offset + n].view(route.src.rows, route.src.cols).copy_(
-                rect_view(sources[route.src_key], route.src)
-            )
-            offset += n
-    recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
-    offset = 0
-    for peer, routes in enumerate(table.recvs):
-        if peer == me:
-            continue
-        for route in routes:
-            n = route.dst.numel
-            rect_view(destinations[route.dst_key], route.dst).copy_(
-                recv[offset : offset + n].view(route.dst.rows, route.dst.cols)
-            )
-            offset += n
+    def __init__(self, out_pos: torch.Tensor, src_pos: torch.Tensor, lengths: torch.Tensor, n: int,
+                 source_numel: int, device: torch.device):
+        order = torch.argsort(out_pos)
+        out_pos, src_pos, lengths = out_pos[order], src_pos[order], lengths[order]
+        ends = out_pos + lengths
+        if out_pos.numel() == 0:
+            tiles = n == 0
+        else:
+            tiles = int(out_pos[0]) == 0 and int(ends[-1]) == n and bool((out_pos[1:] == ends[:-1]).all())
+        if not tiles:
+            raise ValueError(f"routes must cover the {n} destination elements exactly once")
+        if out_pos.numel() and (int(src_pos.min()) < 0 or int((src_pos + lengths).max()) > source_numel):
+            raise IndexError(f"a route reads outside the {source_numel} elements of its source buffer")
+        # Runs that continue each other in the source too are one run: fewer boundaries, fewer straddling blocks.
+        joined = torch.cat([torch.zeros(min(1, out_pos.numel()), dtype=torch.bool),
+                            src_pos[1:] == src_pos[:-1] + lengths[:-1]])
+        run = torch.cumsum(~joined, 0) - 1
+        lengths = torch.zeros(int(run[-1]) + 1 if run.numel() else 0, dtype=torch.int64).index_add_(0, run, lengths)
+        out_pos, src_pos = out_pos[~joined], src_pos[~joined]
+        ends = out_pos + lengths
 
+        def source_of(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(the run each output position falls in, the source position it reads)."""
+            r = (torch.searchsorted(out_pos, positions, right=True) - 1).clamp(min=0)
+            if out_pos.numel() == 0:
+                return r, torch.zeros_like(positions)
+            return r, src_pos[r] + positions - out_pos[r]
+
+        # One block more than the data needs: the output is padded like every buffer a gather reads.
+        starts = torch.arange(-(-n // BLOCK) + 1, dtype=torch.int64) * BLOCK
+        r, windows = source_of(starts)
+        in_data = starts < n
+        straddles = in_data & (ends[r] < (starts + BLOCK).clamp(max=n)) if out_pos.numel() else in_data
+        fix_out = (starts[straddles].unsqueeze(1) + torch.arange(BLOCK)).reshape(-1)
+        fix_out = fix_out[fix_out < n]
+        self.source_numel = source_numel
+        self.windows = _index(torch.where(in_data, windows, 0), device)
+        self.fix_out = _index(fix_out, device, long=True)
+        self.fix_src = _index(source_of(fix_out)[1], device)
+
+    def __call__(self, source: torch.Tensor) -> torch.Tensor:
+        """The output, padded: n elements, then PADDING or more that mean nothing."""
+        if source.numel() < self.source_numel + PADDING:
+            raise ValueError(f"a gather source needs {self.source_numel} elements + {PADDING} of padding, "
+                             f"got {source.numel()}")
+        windows = source.as_strided((source.numel() - BLOCK + 1, BLOCK), (1, 1))
+        out = windows.index_select(0, self.windows).view(-1)
+        if self.fix_out.numel():
+            out.index_copy_(0, self.fix_out, source.index_select(0, self.fix_src))
+        return out
+
+    @property
+    def index_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.windows, self.fix_out, self.fix_src))
+
+
+def _runs(table_routes: list[list[Route]], slots: Mapping[str, Slot], slot_side: str):
+    """(slot positions, wire positions, lengths) of every rectangle row, walking the routes in wire order."""
+    slot_pos, wire_pos, lengths, cursor = [], [], [], 0
+    for routes in table_routes:
+        for route in routes:
+            rect = route.src if slot_side == "src" else route.dst
+            slot = slots[route.src_key if slot_side == "src" else route.dst_key]
+            slot_pos.append(slot.row_starts(rect))
+            wire_pos.append(cursor + torch.arange(rect.rows, dtype=torch.int64) * rect.cols)
+            lengths.append(torch.full((rect.rows,), rect.cols, dtype=torch.int64))
+            cursor += rect.numel
+    empty = torch.zeros(0, dtype=torch.int64)
+    return tuple(torch.cat(parts) if parts else empty for parts in (slot_pos, wire_pos, lengths))
+
+
+class Exchange:
+    """A route table compiled against the slots of its source buffer and of its destination buffer.
+
+    Every element of the destination buffer (`destination_numel` of them) must be routed to exactly once: the
+    destination is then built whole by one gather from what arrives, and needs neither zeroing nor a scatter. A
+    layout that leaves a gap or writes an element twice is an error here.
+    """
+
+    def __init__(
+        self,
+        table: RouteTable,
+        sources: Mapping[str, Slot],
+        destinations: Mapping[str, Slot],
+        destination_numel: int,
+        device: torch.device,
+    ):
+        self.send_sizes = list(table.sent_elements)
+        self.recv_sizes = list(table.received_elements)
+        self.device = device
+        source_numel = sum(slot.numel for slot in sources.values())
+        src, wire, lengths = _runs(table.sends, sources, "src")
+        self.pack = RunGather(wire, src, lengths, sum(self.send_sizes), source_numel, device)
+        dst, wire, lengths = _runs(table.recvs, destinations, "dst")
+        self.unpack = RunGather(dst, wire, lengths, destination_numel, sum(self.recv_sizes), device)
+
+    def __call__(self, source: torch.Tensor, wire: torch.dtype, out_dtype: torch.dtype,
+                 group: dist.ProcessGroup | None) -> torch.Tensor:
+        """The destination buffer (padded), in `out_dtype`, from every rank's `source` buffer (padded); values
+        travel as `wire`. Collective: a rank with nothing of its own to move still joins its peers' exchange."""
+        packed = self.pack(source).to(wire)
+        if len(self.send_sizes) == 1:
+            incoming = packed
+        else:
+            received = sum(self.recv_sizes)
+            incoming = torch.empty(received + PADDING, dtype=wire, device=self.device)
+            dist.all_to_all_single(incoming[:received], packed[: sum(self.send_sizes)], self.recv_sizes,
+                                   self.send_sizes, group=group)
+        return self.unpack(incoming).to(out_dtype)
+
+    @property
+    def index_bytes(self) -> int:
+        return self.pack.index_bytes + self.unpack.index_bytes
