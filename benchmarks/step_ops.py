@@ -144,6 +144,13 @@ def count_step(row: str, shape: GPTShape, nvidia_tp_mode: str = "blockwise") -> 
         if wrapper_only:
             for o in inner:
                 o.step = lambda closure=None: None
+            # The plugin's chain prepares every inner optimizer and agrees on the step itself (the plugin's work):
+            # the wrapper row runs Megatron's own chain step around the no-op steps.
+            chain = trainer.optimizer
+            if type(chain).__module__.startswith("megatron_muon."):
+                megatrons = next(vars(k)["step_with_ready_grads"] for k in type(chain).__mro__[1:]
+                                 if "step_with_ready_grads" in vars(k))
+                chain.step_with_ready_grads = megatrons.__get__(chain)
         trainer.forward_backward(synthetic_batches(shape, 2, 1, seed=1))
         trainer.finalize_grads()
         counter = OpCounter()

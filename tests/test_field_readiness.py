@@ -237,3 +237,62 @@ def test_nvidia_muon_runs_the_same_update_under_megatron_cores_names():
         assert nvidia == pytest.approx(update_scale("essential", rows, cols, 1.5), rel=1e-12)
     assert nvidia_muon_fields(MuonOptimizerConfig(optimizer="nvidia_muon", muon_coefficient_type="quintic",
                                                   muon_scale_mode="spectral")) == {}
+
+
+# --- 3. a non-finite orthogonalized update, inside Megatron's wrappers and chain ----------------------------------
+
+
+def _poisoned_step(expert_parallel: int, distributed: bool) -> dict:
+    """One good step, then one where the last optimizer of the chain (the experts' under EP=2) reports a
+    non-finite update on rank 0 only: Megatron must see an unsuccessful step on every rank, nothing may change."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_muon.integration.flags import MuonOptimizerConfig
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import Trainer, TrainingSetup, synthetic_batches
+    from megatron_muon.models.shapes import TINY, GPTShape
+
+    shape = GPTShape(num_experts=4) if expert_parallel > 1 else TINY
+    with model_parallel(seed=3, expert_parallel=expert_parallel):
+        config = MuonOptimizerConfig(optimizer="muon", lr=1e-2, use_distributed_optimizer=distributed,
+                                     muon_ns_precision="fp32")
+        trainer = Trainer(TrainingSetup(shape, config))
+        chain = trainer.optimizer.chained_optimizers
+        outcomes = []
+        for step, poison in enumerate((False, True)):
+            trainer.forward_backward(synthetic_batches(shape, 2, 1, seed=step + 10 * dist.get_rank()))
+            trainer.finalize_grads()
+            params = [p.detach().clone() for m in trainer.models for p in m.parameters()]
+            inners = [o.optimizer for o in chain]
+            for inner in inners:
+                inner.init_state()  # lazily created at the first step: compare from zeros on
+            state = [{k: v.clone() for k, v in inner.state[p].items()} for inner in inners for p in inner.state]
+            last = inners[-1]
+            real_prepare = last.prepare
+            if poison and dist.get_rank() == 0:
+                last.prepare = lambda: real_prepare() & False
+            applied = trainer.optimizer_step()
+            last.prepare = real_prepare
+            after = [p.detach() for m in trainer.models for p in m.parameters()]
+            state_after = [inner.state[p] for inner in inners for p in inner.state]
+            outcomes.append(dict(
+                applied=applied,
+                params_changed=any(not torch.equal(a, b) for a, b in zip(params, after)),
+                state_changed=any(not torch.equal(s[k], t[k]) for s, t in zip(state, state_after) for k in s),
+                skipped=[inner.skipped for inner in inners],
+            ))
+        return dict(chain=len(chain), outcomes=outcomes)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("expert_parallel,distributed", [(1, True), (1, False), (2, True)],
+                         ids=["dense-distributed", "dense-replicated", "moe-ep2-chain"])
+def test_a_non_finite_update_is_a_skipped_step_on_every_rank(expert_parallel, distributed):
+    for r in run_ranks(_poisoned_step, 2, (expert_parallel, distributed), timeout=300):
+        assert r["chain"] == (2 if expert_parallel > 1 else 1)
+        good, poisoned = r["outcomes"]
+        assert good["applied"] and good["params_changed"] and good["state_changed"], r
+        # The dense optimizer's update was finite, yet it is skipped too: one decision for the chain.
+        assert not poisoned["applied"] and all(poisoned["skipped"]), r
+        assert not poisoned["params_changed"] and not poisoned["state_changed"], r

@@ -67,6 +67,8 @@ from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
+from megatron_muon.runtime.distributed_muon import agree_finite
+
 MUON_GROUP, ADAM_GROUP = "muon", "adamw"
 _MOMENTUM = "momentum_buffer"
 _PREFIX = "optimizer.state."
@@ -93,6 +95,11 @@ class MuonDistributedOptimizer(DistributedOptimizer):
     muon_model_params: set = frozenset()
     #: model param -> name, for error messages
     param_names: dict = {}
+
+    def step_with_ready_grads(self) -> bool:
+        # A step the inner optimizer skipped (non-finite orthogonalized update) is reported as Megatron reports a
+        # non-finite gradient: unsuccessful, so megatron.training counts it as skipped and the scheduler waits.
+        return super().step_with_ready_grads() and not self.optimizer.skipped
 
     def _is_muon(self, model_param) -> bool:
         return model_param in self.muon_model_params
@@ -245,6 +252,19 @@ class MuonChainedOptimizer(ChainedOptimizer):
     without the `chained_<i>.` prefix, which therefore do not depend on the chain, and a checkpoint from another
     chain is loaded by giving each optimizer the saved param groups it needs (`regroup`).
     """
+
+    def step_with_ready_grads(self) -> bool:
+        """One decision for the whole chain: the dense and the expert optimizers both step, or neither does.
+
+        Each inner optimizer computes its orthogonalized update first (`prepare`, collective over its own group);
+        one agreement over every rank then says whether all of them are finite, and each wrapper's step applies or
+        discards accordingly. Deciding per optimizer could apply the dense update and skip the experts'.
+        """
+        inners = [o.optimizer for o in self.chained_optimizers]
+        finite = agree_finite([inner.prepare() for inner in inners], inners[0].routing_device)
+        for inner in inners:
+            inner.decision = finite
+        return super().step_with_ready_grads() and finite
 
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
         # Megatron keeps the prefix for bucket-space formats (dp_reshardable), whose object keys would collide. An

@@ -218,6 +218,10 @@ class _ReplicatedStateOptimizer(Float16OptimizerWithFloat16Params):
 
     skip_agreement_group: dist.ProcessGroup | None = None
 
+    def step_with_ready_grads(self) -> bool:
+        # As MuonDistributedOptimizer's: a skipped inner step is an unsuccessful update.
+        return super().step_with_ready_grads() and not self.optimizer.skipped
+
     def _unscale_main_grads_and_check_for_nan(self):
         super()._unscale_main_grads_and_check_for_nan()
         dist.all_reduce(self.found_inf, op=dist.ReduceOp.MAX, group=self.skip_agreement_group)

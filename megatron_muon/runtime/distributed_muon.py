@@ -234,6 +234,9 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
         self.adam_eps = adam_eps
         self.last_step = StepStats()
         self.skipped = False  # the last step's orthogonalized update was not finite somewhere: nothing applied
+        # Set by a chain of optimizers that prepared every one of them and agreed once (MuonChainedOptimizer):
+        # step() then applies or discards what is prepared instead of deciding alone.
+        self.decision: bool | None = None
         self._pending: _Prepared | None = None
         self._routing: DistributedMuonStep | None = None
         self._buffer_dtype = torch.float32
@@ -279,6 +282,11 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
                 else:
                     state.update(exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
+    @property
+    def routing_device(self) -> torch.device:
+        """The device of this optimizer's collectives (its process group's)."""
+        return self._routing.device
+
     @torch.no_grad()
     def step(self, closure=None):
         """Muon and AdamW over every group, or nothing at all if any rank's orthogonalized update is not finite.
@@ -288,11 +296,14 @@ class ShardedMuonAdamW(torch.optim.Optimizer):
         the checkpoints, so it is treated like a non-finite gradient: every rank skips, no state changes, and
         `skipped` tells the wrapper (which reports the step as unsuccessful, as for a non-finite gradient).
         """
-        self.skipped = not agree_finite([self.prepare()], self._routing.device)
-        if self.skipped:
-            self.discard()
-        else:
+        decided, self.decision = self.decision, None
+        if decided is None:
+            decided = agree_finite([self.prepare()], self._routing.device)
+        self.skipped = not decided
+        if decided:
             self.apply()
+        else:
+            self.discard()
 
     def prepare(self) -> torch.Tensor:
         """Phase 1, collective over the Muon group: the advanced momentum and the orthogonalized update of every
