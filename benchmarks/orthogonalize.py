@@ -1,8 +1,10 @@
 """Speed and accuracy of our Newton-Schulz engine next to torch.optim.Muon's and NVIDIA emerging-optimizers'.
 
-Every method sees the same seeded input per shape. Accuracy is measured two ways: against the exact polar
-factor U V^T (how far 5 steps of a schedule get), and against the exact-arithmetic polynomial of the same
-schedule (what is left is rounding error alone, the price of bf16 / fp8 GEMMs). See benchmarks/README.md.
+Every method sees the same seeded input per shape, and the methods of a shape are timed in interleaved rounds (one
+call of each per round), so a change in machine load lands on all of them alike. Accuracy is measured two ways:
+against the exact polar factor U V^T (how far 5 steps of a schedule get), and against the exact-arithmetic
+polynomial of the same schedule (what is left is rounding error alone, the price of bf16 / fp8 GEMMs). See
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import pathlib
 import platform
 import statistics
@@ -26,13 +29,13 @@ import torch
 # The script must run from a bare checkout (no install, no megatron-core): the engine is pure torch.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from megatron_muon.newton_schulz import (  # noqa: E402
-    COEFFICIENT_SETS, FP8_UNSTABLE_COEFFICIENTS, NORM_EPS, PRECISIONS,
+    COEFFICIENT_SETS, FP8_QUANTIZATIONS, FP8_UNSTABLE_COEFFICIENTS, NORM_EPS, PRECISIONS,
     check_precision, composed_polynomial, orthogonalization_flops, orthogonalize, precision_schedule, resolve_method,
     restart_points,
 )
 
 STEPS = 5  # the step count Muon uses in the paper and in both baselines' defaults
-WARMUP = 2  # the first GPU calls pay for cuBLAS handle creation and heuristics
+WARMUP = 2  # the first GPU calls pay for cuBLAS handle creation and heuristics, fp8's first for torch.compile
 # Torch weights are [out, in]. One layer of the paper's 3.67B model: same-shape matrices share a row (their cost is
 # identical), and K/V, gate/up are also timed as a stack of 2, since batching same-shape matrices is what the engine
 # offers them (torch.optim.Muon loops over such a stack, as it does over parameters).
@@ -58,6 +61,7 @@ class Config:
     coefficients: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     ns_method: str = "standard"  # ours: standard / gram / auto; baselines run standard Newton-Schulz
+    fp8_quantization: str | None = None  # ours, where an iteration runs fp8: orthogonalize's `fp8_quantization`
     # Applied around every call so that "fp32" means fp32 even if the caller's process enabled TF32.
     matmul_precision: str = "highest"
     skip: str | None = None
@@ -109,9 +113,11 @@ def build_configs(args: argparse.Namespace, device: torch.device, notes: list[st
         for precision in precisions:
             for coeffs in args.coefficients:
                 skip = "unstable in fp8" if "fp8" in precision and coeffs in FP8_UNSTABLE_COEFFICIENTS else None
-                fn = functools.partial(orthogonalize, steps=STEPS, coefficients=coeffs, precision=precision,
-                                       method=ns_method)
-                configs.append(Config("megatron_muon", precision, coeffs, fn, ns_method=ns_method, skip=skip))
+                for quantization in args.fp8_quantization if "fp8" in precision else [None]:
+                    fn = functools.partial(orthogonalize, steps=STEPS, coefficients=coeffs, precision=precision,
+                                           method=ns_method, fp8_quantization=quantization or "auto")
+                    configs.append(Config("megatron_muon", precision, coeffs, fn, ns_method=ns_method, skip=skip,
+                                          fp8_quantization=quantization))
     muon, why = torch_muon()
     if muon is None:
         notes.append(why)
@@ -174,32 +180,49 @@ class Reference:
         return dict(polar_err=err, sigma_min=lo, sigma_max=hi, rounding_dev=math.sqrt(dev2 / ref2))
 
 
-def time_ms(cfg: Config, x: torch.Tensor, repeats: int) -> tuple[torch.Tensor, float]:
+def call(cfg: Config, x: torch.Tensor, clock: Callable[[], float] = time.perf_counter) -> tuple[torch.Tensor, float]:
+    """One synchronized call under the config's matmul precision: its output and its time in seconds on `clock`."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times, previous = [], torch.get_float32_matmul_precision()
+    previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     try:
-        for i in range(WARMUP + repeats):
-            sync()
-            start = time.perf_counter()
-            out = cfg.fn(x)
-            sync()
-            if i >= WARMUP:
-                times.append(time.perf_counter() - start)
+        sync()
+        start = clock()
+        out = cfg.fn(x)
+        sync()
+        return out, clock() - start
     finally:
         torch.set_float32_matmul_precision(previous)
-    return out, 1e3 * statistics.median(times)
+
+
+def time_interleaved(configs: list[Config], x: torch.Tensor, repeats: int,
+                     clock: Callable[[], float]) -> list[float | str]:
+    """Median ms of each config over `repeats` rounds, each round one call of every config in turn; a config whose
+    call raises leaves the later rounds and gets its error note instead."""
+    times: list[list[float]] = [[] for _ in configs]
+    failed: dict[int, str] = {}
+    for _ in range(repeats):
+        for i, cfg in enumerate(configs):
+            if i in failed:
+                continue
+            try:
+                times[i].append(call(cfg, x, clock)[1])
+            except Exception as e:  # one broken baseline must not cost the rest of the run
+                failed[i] = f"failed: {type(e).__name__}: {e}"
+    return [failed.get(i) or 1e3 * statistics.median(t) for i, t in enumerate(times)]
 
 
 def print_table(title: str, rows: list[dict]) -> None:
     def fmt(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    header = ["shape", "method", "precision", "coefficients", "GFLOP", "ms", "TFLOP/s", "polar err", "sigma band",
-              "rounding dev", "note"]
-    cells = [[r["shape"], r["method"] + ("" if r["ns_method"] == "standard" else f" {r['ns_method']}"), r["precision"],
+    header = ["shape", "method", "precision", "coefficients", "GFLOP", "ms", "TFLOP/s", "speed vs Muon", "polar err",
+              "sigma band", "rounding dev", "note"]
+    cells = [[r["shape"], r["method"] + ("" if r["ns_method"] == "standard" else f" {r['ns_method']}")
+              + (f" ({r['fp8_quantization']} quant.)" if r["fp8_quantization"] not in (None, "auto") else ""),
+              r["precision"],
               r["coefficients"], fmt(r["gflop"], ".1f"), fmt(r["ms"], ".2f"),
-              fmt(r["tflops"], ".3g"), fmt(r["polar_err"], ".4f"),
+              fmt(r["tflops"], ".3g"), fmt(r["speed_vs_torch_muon"], ".2f"), fmt(r["polar_err"], ".4f"),
               "-" if r["sigma_min"] is None else f"[{r['sigma_min']:.3f}, {r['sigma_max']:.3f}]",
               fmt(r["rounding_dev"], ".1e"), (r["note"] or "")[:60]] for r in rows]  # full note in the JSON
     try:
@@ -209,12 +232,12 @@ def print_table(title: str, rows: list[dict]) -> None:
         widths = [max(len(row[i]) for row in [header] + cells) for i in range(len(header))]
         print(title)
         for row in [header] + cells:
-            line = (c.rjust(w) if 4 <= i <= 9 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            line = (c.rjust(w) if 4 <= i <= 10 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
             print("  ".join(line).rstrip())
         return
     table = Table(title=title, title_justify="left")
     for i, name in enumerate(header):
-        table.add_column(name, justify="right" if 4 <= i <= 9 else "left")
+        table.add_column(name, justify="right" if 4 <= i <= 10 else "left")
     for row in cells:
         table.add_row(*row)
     Console(width=max(200, Console().width)).print(table)
@@ -225,10 +248,16 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", choices=["paper", "small", "all"], help="default: all on cuda, small on cpu")
     p.add_argument("--repeats", type=int, help="timed calls per config after warmup (default: 10 cuda, 3 cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads; default: torch's own choice)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall time, or (CPU with --threads 1) the CPU time of the one thread that runs every op, "
+                        "which other processes on a shared machine do not inflate")
     p.add_argument("--precisions", nargs="+", choices=OUR_PRECISIONS, default=list(OUR_PRECISIONS))
     p.add_argument("--methods", nargs="+", choices=NS_METHODS, default=["standard", "gram"],
                    help="our Newton-Schulz methods (Gram rows where Gram refuses the precision are skipped)")
     p.add_argument("--coefficients", nargs="+", choices=list(COEFFICIENT_SETS), default=list(COEFFICIENT_SETS))
+    p.add_argument("--fp8-quantization", nargs="+", choices=FP8_QUANTIZATIONS, default=["auto"],
+                   help="how our fp8 rows quantize (orthogonalize's fp8_quantization), one row per value")
     p.add_argument("--json", type=pathlib.Path, help="default: results/orthogonalize-<device>.json")
     p.add_argument("--no-error", action="store_true", help="skip the float64 SVDs behind the error columns")
     args = p.parse_args()
@@ -236,19 +265,28 @@ def main() -> None:
     shapes_choice = args.shapes or ("all" if device.type == "cuda" else "small")
     shapes = {"paper": PAPER_SHAPES, "small": SMALL_SHAPES, "all": {**PAPER_SHAPES, **SMALL_SHAPES}}[shapes_choice]
     repeats = args.repeats or (10 if device.type == "cuda" else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        p.error("--clock thread needs --device cpu --threads 1: it counts the calling thread's CPU time only")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
 
     notes: list[str] = []
     configs = build_configs(args, device, notes)
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
     timestamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    title = f"{device_name} | torch {torch.__version__} | {timestamp} | {STEPS} steps, median of {repeats}"
+    # Other processes on the machine slow every method of a round alike, but they make the medians noisier.
+    load_before = os.getloadavg()
+    title = (f"{device_name} | torch {torch.__version__} | {timestamp} | {STEPS} steps, median of {repeats} "
+             f"interleaved rounds, {args.clock} clock | load average {load_before[0]:.2f} at start")
 
     rows = []
     for seed, (label, (batch, m, n)) in enumerate(shapes.items()):
         print(f"[{label}] {len(configs)} configs ...", file=sys.stderr, flush=True)
         x = make_input(batch, m, n, seed, device)
         ref = None if args.no_error else Reference(x)
+        shape_rows, timed, timed_rows = [], [], []
         for cfg in configs:
             resolved = resolve_method(cfg.ns_method, m, n, STEPS, cfg.coefficients)
             skip, precisions = cfg.skip, [cfg.precision] * STEPS
@@ -260,21 +298,34 @@ def main() -> None:
             # GFLOP are the FLOPs the row's method runs; `std_gflop` standard Newton-Schulz's for the same matrix.
             row = dict(shape=label, batch=batch, rows=m, cols=n, method=cfg.method, ns_method=cfg.ns_method,
                        resolved_method=resolved, precision=cfg.precision, precisions=precisions,
-                       coefficients=cfg.coefficients,
+                       coefficients=cfg.coefficients, fp8_quantization=cfg.fp8_quantization,
                        gflop=batch * orthogonalization_flops(m, n, STEPS, cfg.coefficients, resolved) / 1e9,
                        std_gflop=batch * orthogonalization_flops(m, n, STEPS) / 1e9,
-                       ms=None, tflops=None, polar_err=None, sigma_min=None, sigma_max=None, rounding_dev=None,
-                       note=skip)
+                       ms=None, tflops=None, speed_vs_torch_muon=None, polar_err=None, sigma_min=None,
+                       sigma_max=None, rounding_dev=None, note=skip)
             if skip is None:
+                # Warmup, and the output the error columns judge (every call computes the same thing).
                 try:
-                    out, ms = time_ms(cfg, x, repeats)
+                    for _ in range(WARMUP):
+                        out = call(cfg, x)[0]
                 except Exception as e:  # one broken baseline must not cost the rest of the run
                     row["note"] = f"failed: {type(e).__name__}: {e}"
                 else:
-                    row.update(ms=ms, tflops=row["gflop"] / ms)
                     if ref is not None:
                         row.update(ref.errors(out, cfg.coefficients))
-            rows.append(row)
+                    timed.append(cfg)
+                    timed_rows.append(row)
+                    del out
+            shape_rows.append(row)
+        for row, result in zip(timed_rows, time_interleaved(timed, x, repeats, clock)):
+            if isinstance(result, str):
+                row["note"] = result
+            else:
+                row.update(ms=result, tflops=row["gflop"] / result)
+        muon_ms = next((r["ms"] for r in timed_rows if r["method"] == "torch.optim.Muon"), None)
+        for row in timed_rows:
+            row["speed_vs_torch_muon"] = muon_ms / row["ms"] if muon_ms and row["ms"] else None
+        rows.extend(shape_rows)
         del x, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -285,7 +336,10 @@ def main() -> None:
     path = args.json or pathlib.Path("results") / f"orthogonalize-{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device_name, device_type=device.type, torch=torch.__version__, timestamp=timestamp,
-                repeats=repeats, warmup=WARMUP, steps=STEPS, shapes=shapes_choice, notes=notes)
+                repeats=repeats, warmup=WARMUP, steps=STEPS, shapes=shapes_choice, notes=notes,
+                threads=torch.get_num_threads() if device.type == "cpu" else None, timing="interleaved rounds",
+                clock=args.clock,
+                load_average_start=load_before, load_average_end=os.getloadavg())
     path.write_text(json.dumps(dict(metadata=meta, rows=rows), indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -30,16 +30,19 @@ from megatron_muon.newton_schulz.gram import (
 )
 from megatron_muon.newton_schulz.precision import (
     FP8_BACKENDS,
+    FP8_QUANTIZATIONS,
     FP8_UNSTABLE_COEFFICIENTS,
     LOW_PRECISION_STEPS,
     PRECISIONS,
     Fp8Backend,
+    Fp8Quantization,
     Gemms,
     Precision,
     PrecisionSpec,
     check_fp8_coefficients,
     check_precision,
     fp8_gemm_backend,
+    fp8_quantizer,
     precision_schedule,
 )
 from megatron_muon.newton_schulz.reference import (
@@ -58,8 +61,8 @@ __all__ = [
     "gram_newton_schulz_flops", "newton_schulz_flops",
     "GRAM_MIN_ASPECT", "GRAM_RESTART_INTERVAL", "GRAM_RESTARTS", "METHODS", "Method", "check_gram_precisions",
     "gram_iterate", "orthogonalization_flops", "resolve_method", "restart_points",
-    "FP8_BACKENDS", "FP8_UNSTABLE_COEFFICIENTS", "LOW_PRECISION_STEPS", "PRECISIONS", "Fp8Backend", "Gemms",
-    "Precision", "PrecisionSpec", "check_fp8_coefficients", "check_precision", "fp8_gemm_backend",
-    "precision_schedule",
+    "FP8_BACKENDS", "FP8_QUANTIZATIONS", "FP8_UNSTABLE_COEFFICIENTS", "LOW_PRECISION_STEPS", "PRECISIONS",
+    "Fp8Backend", "Fp8Quantization", "Gemms", "Precision", "PrecisionSpec", "check_fp8_coefficients",
+    "check_precision", "fp8_gemm_backend", "fp8_quantizer", "precision_schedule",
     "PolarError", "composed_polynomial", "orthogonalize_via_svd", "polar_error", "rounding_error", "spectral_matrix",
 ]

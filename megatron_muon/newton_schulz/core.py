@@ -20,8 +20,8 @@ import torch
 from megatron_muon.newton_schulz.coefficients import Coefficients, canonical_coefficients, coefficient_schedule
 from megatron_muon.newton_schulz.gram import Method, check_gram_precisions, gram_iterate, resolve_method, restart_points
 from megatron_muon.newton_schulz.precision import (
-    Fp8Backend, Gemms, PrecisionSpec, check_fp8_coefficients, check_precision, fp8_gemm_backend, gemms_for,
-    pad_for_fp8, precision_schedule,
+    Fp8Backend, Fp8Quantization, Gemms, PrecisionSpec, check_fp8_coefficients, check_precision, fp8_gemm_backend,
+    fp8_quantizer, gemms_for, pad_for_fp8, precision_schedule,
 )
 
 NORM_EPS = 1e-7
@@ -33,10 +33,13 @@ def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     Mathematically the same; numerically the Frobenius norm of x itself overflows fp32 from entries of ~1e37
     on (and underflows to 0 below ~1e-23), while y's lies in [1, sqrt(m n)].
     """
-    amax = x.abs().amax(dim=(-2, -1), keepdim=True)
+    # max |x| as max(max x, -min x): two reductions over x and no |x| temporary of its size.
+    dims = (-2, -1)
+    amax = torch.maximum(x.amax(dim=dims, keepdim=True), x.amin(dim=dims, keepdim=True).neg_())
     amax = torch.where(amax > 0, amax, torch.ones_like(amax))
     y = x / amax
-    return y / (torch.linalg.matrix_norm(y, ord="fro", keepdim=True) + eps / amax)
+    # y is a fresh tensor, so the second division runs in place: no third m x n buffer.
+    return y.div_(torch.linalg.matrix_norm(y, ord="fro", keepdim=True) + eps / amax)
 
 
 def newton_schulz(X: torch.Tensor, schedule: Sequence[Coefficients], gemms: Sequence[Gemms]) -> torch.Tensor:
@@ -61,6 +64,7 @@ def orthogonalize(
     *,
     method: Method = "standard",
     fp8_backend: Fp8Backend = "auto",
+    fp8_quantization: Fp8Quantization = "auto",
 ) -> torch.Tensor:
     """Approximate polar factor of a matrix, or of each matrix in a stack of shape [..., m, n].
 
@@ -73,7 +77,10 @@ def orthogonalize(
     scaled e4m3, fp32 accumulation, fp32 between GEMMs); or a schedule such as `"fp8>bf16"`. `method`: `standard`
     Newton-Schulz, `gram` (gram.py: iterate on the m x m Gram matrix), or `auto` (Gram from aspect ratio
     `GRAM_MIN_ASPECT` on). `fp8_backend`: `auto` (Transformer Engine on a CUDA device where installed, else
-    torch._scaled_mm, which also runs on CPU), `transformer_engine` or `torch`.
+    torch._scaled_mm, which also runs on CPU), `transformer_engine` or `torch`. `fp8_quantization`, for the
+    torch._scaled_mm backend: `auto` (`compiled` on a CUDA device, else `eager`), `compiled` (each operand's row
+    amax, scale and cast fused by torch.compile, built on first use; the same numbers as eager on CPU, and eager
+    where compiling fails) or `eager`.
     """
     if x.ndim < 2:
         raise ValueError(f"orthogonalize needs a matrix or a stack of matrices [..., m, n], got shape {tuple(x.shape)}")
@@ -88,6 +95,7 @@ def orthogonalize(
     if chosen == "gram":
         check_gram_precisions(name, precisions)
     backend = fp8_gemm_backend(x.device, fp8_backend) if "fp8" in precisions else None
+    quantization = fp8_quantizer(x.device, fp8_quantization)
     if rows == 0 or cols == 0:
         return torch.zeros_like(x)
 
@@ -101,7 +109,7 @@ def orthogonalize(
     X = _normalize(X, eps)
     if backend is not None:
         X = pad_for_fp8(X, backend)
-    gemms = [gemms_for(p, backend) for p in precisions]
+    gemms = [gemms_for(p, backend, quantization) for p in precisions]
     if chosen == "gram":
         X = gram_iterate(X, schedule, gemms, restart_points(name, steps))
     else:

@@ -2,12 +2,15 @@
 
 Which formats the GEMMs of each iteration use (the precision schedule) decides the rounding noise on top of what
 the polynomials leave. Dense formats (fp32, bf16, fp16) are plain torch products; fp8 is row-wise scaled e4m3
-through `torch._scaled_mm` or, on a GPU where installed, Transformer Engine (imported only when called).
+through `torch._scaled_mm` or, on a GPU where installed, Transformer Engine (imported only when called). For
+`torch._scaled_mm` the quantization of each operand (row amax, scale, cast) runs eagerly or as one
+`torch.compile`d kernel (`fp8_quantization`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 from typing import Literal, Protocol, Union
 
@@ -21,6 +24,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "fp8")
 PrecisionSpec = Union[str, Sequence[str]]
 Fp8Backend = Literal["auto", "transformer_engine", "torch"]
 FP8_BACKENDS: tuple[str, ...] = ("auto", "transformer_engine", "torch")
+Fp8Quantization = Literal["auto", "compiled", "eager"]
+FP8_QUANTIZATIONS: tuple[str, ...] = ("auto", "compiled", "eager")
 
 # Measured on random and rank-deficient matrices: output singular values reach 27-78 (tests/test_newton_schulz.py).
 FP8_UNSTABLE_COEFFICIENTS: frozenset[str] = frozenset({"polar_express"})
@@ -46,6 +51,8 @@ _TE_ALIGN = 128
 # First TE product on a device vs fp64: e4m3 operands give ~3% relative error, a wrong layout ~100%.
 _TE_CHECK_TOLERANCE = 0.1
 _TE_CHECKED: set[torch.device] = set()
+
+_log = logging.getLogger(__name__)
 
 
 def _parse_precision(precision: PrecisionSpec) -> tuple[tuple[str, int | None], ...]:
@@ -158,42 +165,73 @@ class _DenseGemms:
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.dtype)
 
+    # torch.bmm, not `@`: for a stack, `x @ x.mT` goes through matmul's expand and reshape, after which the CPU
+    # kernel copies the transposed operand to contiguous memory, one extra pass over X per iteration; bmm hands
+    # the transposed view to BLAS as a transposed operand, as torch.optim.Muon's 2-D `X @ X.T` does.
     def gram(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ x.mT
+        return torch.bmm(x, x.mT)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a @ b
+        return torch.bmm(a, b)
 
     def addmm(self, c, a, b, beta: float, alpha: float = 1.0) -> torch.Tensor:
         return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
 
 
-def _quantize_e4m3(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled e4m3 with one fp32 scale per slice along `dim` (t ~= fp8.float() * scale), batched over a stack.
+def _quantize_e4m3(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled e4m3 with one fp32 scale per row (t ~= fp8.float() * scale), batched over a stack.
 
-    Scales are per row of a left operand and per column of a right operand (dim=-1 and dim=-2): the GEMM's
-    natural row-wise scaling. One scale per tensor was measured first and diverges: a Gram matrix spans a wide
-    range of magnitudes, so its small entries lose all mantissa bits, and the polynomial's slope at zero
+    A left operand a is quantized as is, a right operand b as b.mT: scales per row of a and per column of b,
+    the GEMM's natural row-wise scaling. One scale per tensor was measured first and diverges: a Gram matrix spans
+    a wide range of magnitudes, so its small entries lose all mantissa bits, and the polynomial's slope at zero
     (3.4 to 8 per step) amplifies that noise past the stable region (output singular values up to 1e7).
+    The fp8 tensor is row-major whatever t's layout (b.mT is column-major): `_scaled_mm` takes it as it is.
     """
-    amax = t.abs().amax(dim=dim, keepdim=True).float()
-    # A zero or subnormal slice would give a zero scale and 0/0; clamping keeps every scale a normal float, and
+    amax = t.abs().amax(dim=-1, keepdim=True).float()
+    # A zero or subnormal row would give a zero scale and 0/0; clamping keeps every scale a normal float, and
     # the clamp below keeps a symmetric operand's near-equal row and column maxima from overflowing e4m3.
     scale = (amax / _E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    return (t / scale).clamp_(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn), scale
+    return (t / scale).clamp_(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn).contiguous(), scale
+
+
+# Eagerly, `_quantize_e4m3` is six passes over the operand (abs, amax, divide, clamp, cast, and the copy to
+# row-major for a right operand) through two fp32 temporaries; torch.compile fuses them into one kernel that
+# reads the operand twice (row amax, then scale and cast) and writes only e4m3 and the scales. Built on the first
+# call, with dynamic shapes: a kernel per layout (row- or column-major, a stack of one or more) serves every
+# operand shape. Compiled per shape, a model's few matrix shapes (3 or 4 operand shapes each) would pass Dynamo's
+# limit of 8 recompiles per function and run eagerly from then on.
+_compiled_quantize = None
+# Why compiling failed, once it has (no C++ compiler or Triton, an unsupported Python): from then on every call
+# runs the eager function, which computes the same numbers.
+_compile_failure: str | None = None
+
+
+def _quantize_e4m3_compiled(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_quantize_e4m3` through torch.compile, falling back to it (with one warning) where compiling fails."""
+    global _compiled_quantize, _compile_failure
+    if _compile_failure is None:
+        try:
+            if _compiled_quantize is None:
+                # fullgraph: a graph break would silently run part of the quantization eagerly, unfused.
+                _compiled_quantize = torch.compile(_quantize_e4m3, dynamic=True, fullgraph=True)
+            return _compiled_quantize(t)
+        except Exception as e:  # whatever the compiler stack raises; the eager path below re-raises input errors
+            _compile_failure = f"{type(e).__name__}: {e}"
+            _log.warning("fused fp8 quantization unavailable, using the eager one: %s", _compile_failure)
+    return _quantize_e4m3(t)
 
 
 def _scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb_t: torch.Tensor, sb_t: torch.Tensor) -> torch.Tensor:
     """Stacked qa @ qb_t.mT with row scales sa [batch, i, 1] and sb_t [batch, j, 1] of qb_t's rows, fp32 out.
 
-    cuBLASLt takes only a row-major left and a column-major right operand: qb_t is row-major [j, k], so qb_t.mT
-    is exactly the column-major [k, j] it wants, with no copy. The output is bf16 (the only dtype cuBLASLt's
-    row-wise scaled FP8 GEMM writes), upcast; the CPU kernel is called the same way so both compute the same.
-    torch._scaled_mm is 2-D only, hence one call per matrix of the stack.
+    cuBLASLt takes only a row-major left and a column-major right operand: qa and qb_t are row-major (as
+    `_quantize_e4m3` returns them), so qb_t.mT is exactly the column-major [k, j] it wants, with no copy. The
+    output is bf16 (the only dtype cuBLASLt's row-wise scaled FP8 GEMM writes), upcast; the CPU kernel is called
+    the same way so both compute the same. torch._scaled_mm is 2-D only, hence one call per matrix of the stack.
     """
     return torch.stack([
         torch._scaled_mm(a, b.mT, scale_a=s, scale_b=t.mT, out_dtype=torch.bfloat16)
-        for a, s, b, t in zip(qa.contiguous(), sa, qb_t.contiguous(), sb_t)
+        for a, s, b, t in zip(qa, sa, qb_t, sb_t)
     ]).float()
 
 
@@ -204,8 +242,9 @@ class _Fp8Gemms:
     quantize their operand once instead of twice (half the quantization traffic of a general product).
     """
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, quantization: str = "eager"):
         self.backend = backend
+        self.quantize = _quantize_e4m3_compiled if quantization == "compiled" else _quantize_e4m3
 
     def cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.float()
@@ -213,14 +252,14 @@ class _Fp8Gemms:
     def gram(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "transformer_engine":
             return _te_bmm(x, x.mT)
-        q, s = _quantize_e4m3(x, dim=-1)
+        q, s = self.quantize(x)
         return _scaled_mm(q, s, q, s)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.backend == "transformer_engine":
             return _te_bmm(a, b)
-        qa, sa = _quantize_e4m3(a, dim=-1)
-        qb, sb = _quantize_e4m3(b.mT, dim=-1)
+        qa, sa = self.quantize(a)
+        qb, sb = self.quantize(b.mT)
         return _scaled_mm(qa, sa, qb, sb)
 
     def addmm(self, c, a, b, beta: float, alpha: float = 1.0) -> torch.Tensor:
@@ -284,10 +323,26 @@ def _check_te_once(a: torch.Tensor, b: torch.Tensor, result: torch.Tensor) -> No
     _TE_CHECKED.add(a.device)
 
 
-def gemms_for(precision: str, fp8_backend: str | None) -> Gemms:
-    """The GEMMs of one iteration in `precision`; `fp8_backend` is `fp8_gemm_backend`'s answer where fp8 runs."""
+def fp8_quantizer(device: torch.device | str, requested: Fp8Quantization = "auto") -> str:
+    """How the torch._scaled_mm backend quantizes its operands: `compiled` on a CUDA device (`auto`), else `eager`.
+
+    On a GPU the eager quantization traffic is what benchmarks/README.md's H100 run found making fp8 slower than
+    bf16; on a CPU those passes are cheap next to the GEMMs, while the first compile in a process costs 10-20 s
+    (a C++ build), so CPU runs (the tests among them) ask for it explicitly. Transformer Engine quantizes in its
+    own fused kernels and ignores this choice.
+    """
+    if requested not in FP8_QUANTIZATIONS:
+        raise ValueError(f"unknown fp8_quantization {requested!r}; choose one of {list(FP8_QUANTIZATIONS)}")
+    if requested == "auto":
+        return "compiled" if torch.device(device).type == "cuda" else "eager"
+    return requested
+
+
+def gemms_for(precision: str, fp8_backend: str | None, fp8_quantization: str = "eager") -> Gemms:
+    """The GEMMs of one iteration in `precision`; where fp8 runs, `fp8_backend` is `fp8_gemm_backend`'s answer
+    and `fp8_quantization` `fp8_quantizer`'s."""
     if precision == "fp8":
-        return _Fp8Gemms(fp8_backend)
+        return _Fp8Gemms(fp8_backend, fp8_quantization)
     return _DenseGemms(_DENSE_DTYPES[precision])
 
 
