@@ -9,7 +9,7 @@ not counted), at two depths. The mode sees the ops Python and composite ops disp
 internally. The growth per layer is what the step costs per transformer layer; the totals include what does not
 grow (embeddings, the output head, the final norm, Newton-Schulz per stack of same-shape matrices, bookkeeping).
 
-Rows: ours (`muon`), NVIDIA's Muon (`nvidia_muon`: megatron-core's layer-wise distributed optimizer, which
+Rows: ours (`muon`; `muon_overlap`: pipelined in up to 4 groups, `--muon-overlap-groups 4`), NVIDIA's Muon (`nvidia_muon`: megatron-core's layer-wise distributed optimizer, which
 megatron.training builds for its Muon when given `--use-distributed-optimizer`, in megatron.training's default TP
 mode, `blockwise`, unless `--nvidia-tp-mode` says otherwise), Megatron's AdamW
 (`adam`, torch's Adam inside Megatron's `DistributedOptimizer`), and each wrapper with its inner optimizer's
@@ -48,7 +48,9 @@ from megatron_muon.models.shapes import TINY, GPTShape  # noqa: E402  (no megatr
 
 # Every optimizer row and, per optimizer, the same row with a no-op inner step.
 OPTIMIZERS = ("muon", "nvidia_muon", "adam")
-ROWS = OPTIMIZERS + tuple(f"{name} wrapper" for name in OPTIMIZERS)
+# Ours with the step pipelined in up to OVERLAP_GROUPS groups (--muon-overlap-groups): what pipelining adds.
+OVERLAP_GROUPS = 4
+ROWS = OPTIMIZERS + tuple(f"{name} wrapper" for name in OPTIMIZERS) + ("muon_overlap",)
 DEFAULT_LAYERS = (2, 8)
 TOP_KINDS = 12
 
@@ -113,6 +115,9 @@ def optimizer_config(name: str, nvidia_tp_mode: str = "blockwise"):
         # layer-wise optimizer (whole matrices per DP rank).
         return MuonOptimizerConfig(optimizer="nvidia_muon", use_layer_wise_distributed_optimizer=True,
                                    muon_tp_mode=nvidia_tp_mode, **common)
+    if name == "muon_overlap":
+        return MuonOptimizerConfig(optimizer="muon", use_distributed_optimizer=True,
+                                   muon_overlap_groups=OVERLAP_GROUPS, **common)
     return MuonOptimizerConfig(optimizer=name, use_distributed_optimizer=True, **common)
 
 
@@ -186,8 +191,8 @@ def measure(rows=ROWS, layers=DEFAULT_LAYERS, shape: GPTShape = TINY, nvidia_tp_
     for row, by_depth in counts.items():
         per_layer = (by_depth[hi]["aten_ops"] - by_depth[lo]["aten_ops"]) / (hi - lo)
         result["rows"][row] = dict(by_layers={str(n): c for n, c in by_depth.items()}, aten_ops_per_layer=per_layer)
-    for name in OPTIMIZERS:
-        own, wrapper = result["rows"].get(name), result["rows"].get(f"{name} wrapper")
+    for name in (*OPTIMIZERS, "muon_overlap"):
+        own, wrapper = result["rows"].get(name), result["rows"].get(f"{name.split('_overlap')[0]} wrapper")
         if own and wrapper:
             # The inner optimizer's own share: the row minus what its wrapper dispatches around a no-op step.
             own["inner_ops_per_layer"] = own["aten_ops_per_layer"] - wrapper["aten_ops_per_layer"]

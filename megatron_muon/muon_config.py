@@ -72,7 +72,8 @@ class Setting:
 
     `flag` is the one that sets a non-default value (for a boolean, the switch that turns it off); `choices` are
     canonical names, `aliases` other spellings that mean one of them. `layout` settings say how Megatron's fused
-    weights split into matrices: an optimizer over plain matrices has nothing to split.
+    weights split into matrices: an optimizer over plain matrices has nothing to split. `runtime` settings say how
+    the distributed step runs, never what it computes: a single-device optimizer has nothing to run that way.
     """
 
     megatron_field: str
@@ -82,6 +83,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
     layout: bool = False
+    runtime: bool = False
 
     @property
     def accepted(self) -> list[str]:
@@ -145,6 +147,13 @@ class MuonConfig:
         "[gate; up] weight as one.",
         layout=True,
     )
+    overlap_groups: int = _setting(
+        1, "muon_overlap_groups", "--muon-overlap-groups",
+        "Pipeline the distributed step in up to this many groups of same-shape stacks: while one group is "
+        "orthogonalized, the next group's pieces travel and the previous group's updates return (asynchronous "
+        "all-to-alls). 1: one exchange each way. The update is bit-identical for every value.",
+        range=Range(1), runtime=True,
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -185,7 +194,7 @@ class MuonConfig:
 
 
 SETTINGS: dict[str, Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(MuonConfig)}
-UPDATE_SETTINGS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if not s.layout)
+UPDATE_SETTINGS: tuple[str, ...] = tuple(name for name, s in SETTINGS.items() if not (s.layout or s.runtime))
 
 
 def _checked(f: dataclasses.Field, value):

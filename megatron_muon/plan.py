@@ -204,3 +204,27 @@ def plan_orthogonalization(
         gather_sent=tuple(sent),
         gather_received=tuple(received),
     )
+
+
+def pipeline_groups(stacks: Sequence[Stack], groups: int) -> tuple[int, ...]:
+    """The pipeline group of every stack, for a step that moves and orthogonalizes `groups` groups in turn.
+
+    Each home's stacks, in plan order, are cut into consecutive runs of about equal Newton-Schulz FLOPs (a stack
+    goes to the group its FLOPs' midpoint falls in), so on every rank the groups take similar time. A stack is
+    never split: its batched call, and so every bit of its result, is the same however the step is pipelined.
+    Groups that no home uses are dropped, so fewer groups may result.
+    """
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    total: dict[int, int] = {}
+    for s in stacks:
+        total[s.home] = total.get(s.home, 0) + s.flops
+    done: dict[int, int] = {}
+    raw = []
+    for s in stacks:
+        before = done.get(s.home, 0)
+        done[s.home] = before + s.flops
+        # Integer arithmetic: every rank computes the same groups.
+        raw.append(min(groups - 1, groups * (2 * before + s.flops) // (2 * total[s.home])))
+    used = sorted(set(raw))
+    return tuple(used.index(g) for g in raw)

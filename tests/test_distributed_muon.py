@@ -314,3 +314,57 @@ def test_moe_experts_over_expert_parallel_ranks():
         references[synthetic] = runs[2, "float32"]
     # 2 layers x (q, k, v, proj, router) dense, and 2 layers x 4 experts x (gate, up, fc2).
     _check(ranks, configs, lambda synthetic, dtype_name: references[synthetic], 2 * 5 + 2 * 4 * 3)
+
+
+def _pipelined_runs(tp: int, pp: int) -> list[dict]:
+    """The same 3 steps with the step in one group and pipelined in up to 3, per dtype (fp32: Newton-Schulz in fp32,
+    bf16: in bf16 with a bf16 wire) and with and without the distributed optimizer: this rank's parameters after
+    each run, and the groups its steps ran in."""
+    import dataclasses as dc
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_muon.integration.optimizer import step_stats
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import Trainer, TrainingSetup
+
+    shape = _shape("tiny")
+    out = []
+    for dtype_name, distributed, groups in itertools.product(("float32", "bfloat16"), (False, True), (1, 3)):
+        dtype = getattr(torch, dtype_name)
+        config = dc.replace(_optimizer_config(dtype, distributed), muon_overlap_groups=groups,
+                            muon_ns_precision="fp32" if dtype == torch.float32 else "bf16")
+        with model_parallel(tensor_parallel=tp, pipeline_parallel=pp, seed=1234):
+            tp_rank = ps.get_tensor_model_parallel_rank()
+            trainer = Trainer(TrainingSetup(shape, config, dtype),
+                              init_weights=lambda models: _write_global(models[0], tp_rank, tp, -1, "weight"))
+            dp_rank, _ = trainer.data_parallel
+            ran_in = []
+            for step in range(3):
+                trainer.forward_backward(_batches(shape, dp_rank, step))
+                trainer.finalize_grads()
+                assert trainer.optimizer_step()
+                ran_in.append(max(stats.groups for stats in step_stats(trainer.optimizer)))
+            (model,) = trainer.models
+            out.append(dict(config=(dtype_name, distributed, groups), groups=ran_in,
+                            params=[p.detach().clone() for p in model.parameters()]))
+    return out
+
+
+PIPELINE_LAYOUTS = [(2, 2, 1), (2, 1, 2), (1, 2, 2)]
+
+
+@pytest.mark.parametrize("tp,dp,pp", PIPELINE_LAYOUTS, ids=[f"tp{t}-dp{d}-pp{p}" for t, d, p in PIPELINE_LAYOUTS])
+def test_pipelined_step_is_bit_identical_to_the_one_group_step(tp, dp, pp):
+    ranks = run_ranks(_pipelined_runs, tp * dp * pp, (tp, pp))
+    for rank in ranks:
+        runs = {r["config"][:2]: {} for r in rank}
+        for r in rank:
+            runs[r["config"][:2]][r["config"][2]] = r
+        for config, by_groups in runs.items():
+            one, pipelined = by_groups[1], by_groups[3]
+            assert one["groups"] == [1, 1, 1]
+            for a, b in zip(one["params"], pipelined["params"]):
+                assert torch.equal(a, b), config
+    # The pipeline really ran: some rank's step moved and orthogonalized its stacks in more than one group.
+    assert any(r["groups"][0] > 1 for rank in ranks for r in rank if r["config"][2] == 3)

@@ -38,7 +38,7 @@ def _local_tensor(full: dict, tp_rank: int) -> torch.Tensor:
     return torch.cat([full["a"][tp_rank * half_a : (tp_rank + 1) * half_a], full["b"][tp_rank * half_b : (tp_rank + 1) * half_b]])
 
 
-def _toy_muon(tp: int, dp: int, precision: str, steps: int) -> dict:
+def _toy_muon(tp: int, dp: int, precision: str, steps: int, groups: int = 1) -> dict:
     """World = tp x dp ranks (tp fastest); each DP rank owns a flat 1/dp range of its TP shard."""
     import torch.distributed as dist
 
@@ -57,7 +57,7 @@ def _toy_muon(tp: int, dp: int, precision: str, steps: int) -> dict:
     start, end = dp_rank * numel // dp, (dp_rank + 1) * numel // dp
     holdings = [None] * dist.get_world_size()
     dist.all_gather_object(holdings, [Holding("w", tp_rank, (start, end), (start, end))])
-    settings = MuonConfig(ns_precision=precision)
+    settings = MuonConfig(ns_precision=precision, overlap_groups=groups)
     step_fn = DistributedMuonStep(weights, shapes, holdings, None, settings)
 
     init = {"a": torch.zeros(A_ROWS, COLS), "b": torch.zeros(B_ROWS, COLS)}
@@ -72,7 +72,7 @@ def _toy_muon(tp: int, dp: int, precision: str, steps: int) -> dict:
         param.grad = full_grad.reshape(-1)[start:end].clone()
         opt.step()
     return dict(rank=(tp_rank, dp_rank), start=start, values=param.detach().clone(),
-                orthogonalized=list(opt.last_step.orthogonalized), bytes=(opt.last_step.bytes_sent, opt.last_step.bytes_received))
+                orthogonalized=list(opt.last_step.orthogonalized), groups=opt.last_step.groups, bytes=(opt.last_step.bytes_sent, opt.last_step.bytes_received))
 
 
 def _reference(precision: str, steps: int) -> dict[str, torch.Tensor]:
@@ -106,3 +106,11 @@ def test_toy_layout_equals_single_device_muon(tp, dp, precision, tol):
     assert sum(r["bytes"][0] for r in ranks) == sum(r["bytes"][1] for r in ranks)
     if precision == "bf16" and tp * dp > 1:
         assert any(r["bytes"][0] for r in ranks)
+
+
+def test_one_rank_pipelines_its_two_stacks_bit_identically():
+    # On one rank "a" and "b" are two stacks: two groups, each its own part of the exchanges, nothing on a wire.
+    (one,) = run_ranks(_toy_muon, 1, (1, 1, "bf16", 3, 1))
+    (two,) = run_ranks(_toy_muon, 1, (1, 1, "bf16", 3, 2))
+    assert (one["groups"], two["groups"]) == (1, 2)
+    assert torch.equal(one["values"], two["values"])

@@ -20,16 +20,16 @@ from tests.test_launch import ITERATION, SCRIPT, TRAIN_FLAGS, _env, _launcher, _
 # The paper's recipe, written out rather than read from MuonConfig, so a changed default is a visible decision.
 PAPER_DEFAULTS = dict(
     momentum=0.95, nesterov=True, ns_steps=5, coefficients="jordan", ns_precision="bf16", ns_method="standard",
-    scale_mode="essential", extra_scale_factor=1.0, split_qkv=True, split_glu=True,
+    scale_mode="essential", extra_scale_factor=1.0, split_qkv=True, split_glu=True, overlap_groups=1,
 )
 # Megatron's spelling of each setting: megatron-core 0.19.2's OptimizerConfig field where one means the same thing.
 MEGATRON_FIELDS = dict(
     momentum="muon_momentum", nesterov="muon_nesterov", ns_steps="muon_num_ns_steps",
     coefficients="muon_coefficient_type", ns_precision="muon_ns_precision", ns_method="muon_ns_method",
     scale_mode="muon_scale_mode", extra_scale_factor="muon_extra_scale_factor", split_qkv="muon_split_qkv",
-    split_glu="muon_split_glu",
+    split_glu="muon_split_glu", overlap_groups="muon_overlap_groups",
 )
-NEW_FIELDS = {"muon_ns_precision", "muon_ns_method", "muon_split_glu"}
+NEW_FIELDS = {"muon_ns_precision", "muon_ns_method", "muon_split_glu", "muon_overlap_groups"}
 
 
 def _parse(monkeypatch, *flags: str):
@@ -118,7 +118,8 @@ def test_a_plain_megatron_config_is_refused_naming_what_it_lacks():
 
     from megatron_muon.integration.flags import muon_config_from
 
-    with pytest.raises(TypeError, match=r"OptimizerConfig has no muon_ns_precision, muon_ns_method, muon_split_glu: "
+    with pytest.raises(TypeError, match=r"OptimizerConfig has no muon_ns_precision, muon_ns_method, muon_split_glu, "
+                                        r"muon_overlap_groups: "
                                         r"build the config as .*MuonOptimizerConfig, or call megatron_muon.install\(\)"):
         muon_config_from(OptimizerConfig(optimizer="muon"))
 
@@ -252,6 +253,7 @@ NON_DEFAULT = {
     "extra_scale_factor": (["--muon-extra-scale-factor", "0.5"], 0.5),
     "split_qkv": (["--muon-no-split-qkv"], False),
     "split_glu": (["--muon-no-split-glu"], False),
+    "overlap_groups": (["--muon-overlap-groups", "2"], 2),
 }
 NON_DEFAULT_FLAGS = [flag for flags, _ in NON_DEFAULT.values() for flag in flags]
 

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from megatron_muon.newton_schulz import newton_schulz_flops
-from megatron_muon.plan import LogicalMatrix, plan_orthogonalization
+from megatron_muon.plan import LogicalMatrix, Stack, pipeline_groups, plan_orthogonalization
 
 # The paper's 3.67B model (arXiv 2505.02222): 34 layers, hidden 2560, GQA with half as many KV heads, SwiGLU
 # 10240; torch weights [out, in].
@@ -193,3 +193,31 @@ def test_bad_input_is_rejected_with_a_clear_message(build, match):
 def test_no_matrices_is_a_balanced_empty_plan():
     plan = plan_orthogonalization([], 4)
     assert plan.stacks == () and plan.total_flops == 0 and plan.imbalance == 1.0
+
+
+# --- pipeline groups ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 9])
+def test_pipeline_groups_are_consecutive_runs_of_whole_stacks_on_every_home(groups):
+    plan = plan_orthogonalization(model_3b67(8), 8)
+    assigned = pipeline_groups(plan.stacks, groups)
+    assert len(assigned) == len(plan.stacks)
+    used = sorted(set(assigned))
+    assert used == list(range(len(used))) and len(used) <= groups
+    for home in range(8):
+        mine = [g for s, g in zip(plan.stacks, assigned) if s.home == home]
+        assert mine == sorted(mine)  # each home walks its stacks in plan order, group after group
+    assert (len(used) > 1) == (groups > 1)
+
+
+def test_pipeline_groups_cut_at_the_flops_midpoints_by_hand():
+    # One home with stacks of 10, 30, 20, 40 FLOPs (total 100; midpoints 5, 25, 50, 80) in 2 groups: the midpoint
+    # below 50 goes first, so [0, 0, 1, 1]; a second home with one stack (midpoint at half) takes group 1.
+    stacks = [Stack(0, 1, 1, (f"m{i}",), f) for i, f in enumerate((10, 30, 20, 40))] + [Stack(1, 1, 1, ("x",), 7)]
+    assert pipeline_groups(stacks, 2) == (0, 0, 1, 1, 1)
+    # In 4 groups: midpoints 5, 25, 50, 80 of 100 -> 0, 1, 2, 3; the lone stack's midpoint 3.5 of 7 -> 2.
+    assert pipeline_groups(stacks, 4) == (0, 1, 2, 3, 2)
+    assert pipeline_groups(stacks, 1) == (0,) * 5
+    # Groups no home uses are dropped: one stack per home leaves one group, whatever was asked.
+    assert pipeline_groups([Stack(h, 1, 1, (str(h),), 5) for h in range(3)], 4) == (0, 0, 0)
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        pipeline_groups(stacks, 0)

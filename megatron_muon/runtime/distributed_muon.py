@@ -10,8 +10,15 @@ group at once:
   3. homes orthogonalize their matrices in same-shape stacks and multiply by the logical shape's scale;
   4. a second all-to-all returns each owner its piece of the update: W <- W (1 - lr wd) - lr O.
 
+With `--muon-overlap-groups G` steps 2-4 run as a pipeline over up to G groups of whole stacks
+(`plan.pipeline_groups`): each group's pieces travel in their own asynchronous all-to-all, a home orthogonalizes a
+group as soon as its pieces are in, and the group's updates start back at once, so Newton-Schulz runs while other
+groups' pieces travel. Every stack gets the same Newton-Schulz call as in the one-group step and every element the
+same wire rounding, so the result is bit-identical. The groups are a function of the plan alone; grouping by
+gradient bucket instead would let a step start as soon as the buckets of its first group are reduced.
+
 `ShardedMuonAdamW` is a torch optimizer that runs this step on its Muon groups and AdamW on the others; it is meant
-to sit inside Megatron's optimizer wrappers (see megatron/optimizer.py), but nothing here imports Megatron.
+to sit inside Megatron's optimizer wrappers (see integration/optimizer.py), but nothing here imports Megatron.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from megatron_muon.muon import adamw_updates_, advance_momenta, apply_muon_updat
 from megatron_muon.muon_config import MuonConfig
 from megatron_muon.newton_schulz import check_precision, orthogonalize, precision_schedule
 from megatron_muon.pieces import Block, pieces_of
-from megatron_muon.plan import LogicalMatrix, OrthogonalizationPlan, plan_orthogonalization
+from megatron_muon.plan import LogicalMatrix, OrthogonalizationPlan, Stack, pipeline_groups, plan_orthogonalization
 from megatron_muon.runtime.exchange import PADDING, Exchange, Route, RouteTable, Slot
 
 
@@ -63,6 +70,7 @@ class StepStats:
     ns_flops: int = 0
     orthogonalized: list[str] = field(default_factory=list)
     index_bytes: int = 0
+    groups: int = 1  # pipeline groups the step ran in
 
 
 def wire_dtype(settings: MuonConfig) -> torch.dtype:
@@ -126,69 +134,93 @@ class DistributedMuonStep:
             ns_method=settings.ns_method,
         )
         home = self.plan.home
-        gather = ([[] for _ in range(world)], [[] for _ in range(world)])
-        scatter = ([[] for _ in range(world)], [[] for _ in range(world)])
+        # Pipeline groups of whole stacks; group_of[m]: the group in which matrix m travels and is orthogonalized.
+        stack_groups = pipeline_groups(self.plan.stacks, settings.overlap_groups)
+        self.groups = max(stack_groups, default=0) + 1
+        group_of = {name: g for stack, g in zip(self.plan.stacks, stack_groups) for name in stack.names}
+
+        def tables():
+            return [([[] for _ in range(world)], [[] for _ in range(world)]) for _ in range(self.groups)]
+
+        gather, scatter = tables(), tables()
         # Every rank walks all holdings in the same order, so both ends of each exchange list the same pieces
         # in the same order.
         for rank, held in enumerate(holdings):
             for h in sorted(held, key=lambda h: h.key):
                 for p in pieces(h, h.gather):
-                    route = Route(h.key, p.local, p.matrix, p.logical)
+                    route, (out, into) = Route(h.key, p.local, p.matrix, p.logical), gather[group_of[p.matrix]]
                     if rank == self.me:
-                        gather[0][home[p.matrix]].append(route)
+                        out[home[p.matrix]].append(route)
                     if home[p.matrix] == self.me:
-                        gather[1][rank].append(route)
+                        into[rank].append(route)
                 for p in pieces(h, h.update):
-                    route = Route(p.matrix, p.logical, h.key, p.local)
+                    route, (out, into) = Route(p.matrix, p.logical, h.key, p.local), scatter[group_of[p.matrix]]
                     if home[p.matrix] == self.me:
-                        scatter[0][rank].append(route)
+                        out[rank].append(route)
                     if rank == self.me:
-                        scatter[1][home[p.matrix]].append(route)
-        self.gather = RouteTable(*gather, self.me)
-        self.scatter = RouteTable(*scatter, self.me)
-        self.my_stacks = [s for s in self.plan.stacks if s.home == self.me]
-        # The matrices this rank orthogonalizes, stack after stack in one fp32 buffer (padded, see exchange.py): the
-        # gather assembles every stack in place, and each stack is a [n, rows, cols] view of it, batched into
-        # Newton-Schulz with no copy.
-        self.homed: dict[str, Slot] = {}
-        self.stack_numels = [len(st.names) * st.rows * st.cols for st in self.my_stacks]
-        offset = 0
-        for st in self.my_stacks:
-            for name in st.names:
-                self.homed[name] = Slot(offset, st.rows * st.cols, st.cols)
-                offset += st.rows * st.cols
-        self._exchanges: tuple[Exchange, Exchange] | None = None
+                        into[home[p.matrix]].append(route)
+        self.gather = [RouteTable(*t, self.me) for t in gather]
+        self.scatter = [RouteTable(*t, self.me) for t in scatter]
+        # Per group, the stacks this rank orthogonalizes, one after another in one fp32 buffer (padded, see
+        # exchange.py): the group's gather assembles them in place, and each stack is a [n, rows, cols] view of it,
+        # batched into Newton-Schulz with no copy.
+        self.my_stacks: list[list[Stack]] = [[] for _ in range(self.groups)]
+        for stack, g in zip(self.plan.stacks, stack_groups):
+            if stack.home == self.me:
+                self.my_stacks[g].append(stack)
+        self.homed: list[dict[str, Slot]] = []
+        self.stack_numels = [[len(st.names) * st.rows * st.cols for st in stacks] for stacks in self.my_stacks]
+        for stacks in self.my_stacks:
+            slots, offset = {}, 0
+            for st in stacks:
+                for name in st.names:
+                    slots[name] = Slot(offset, st.rows * st.cols, st.cols)
+                    offset += st.rows * st.cols
+            self.homed.append(slots)
+        self._exchanges: tuple[list[Exchange], Exchange] | None = None
 
     def place(self, held: dict[str, Slot]) -> None:
-        """Compile both exchanges for where this rank's weights sit in its flat buffer of directions and updates:
+        """Compile the exchanges for where this rank's weights sit in its flat buffer of directions and updates:
         one `Slot` per weight key it holds (a shard of the local weight, or all of it), covering the buffer (whose
-        PADDING more elements follow)."""
+        PADDING more elements follow). Per group a gather into that group's stacks, and one scatter whose parts
+        are the groups, into the update buffer."""
         numel = sum(slot.numel for slot in held.values())
-        self._exchanges = (
-            Exchange(self.gather, held, self.homed, sum(self.stack_numels), self.device),
-            Exchange(self.scatter, self.homed, held, numel, self.device),
-        )
+        gathers = [Exchange([table], [held], homed, sum(numels), self.device)
+                   for table, homed, numels in zip(self.gather, self.homed, self.stack_numels)]
+        self._exchanges = gathers, Exchange(self.scatter, self.homed, held, numel, self.device)
 
     def __call__(self, directions: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
         """Orthogonalize: U, laid out as `place` said (and padded) -> scale * O for the same elements (padded the
-        same way), in U's dtype."""
+        same way), in U's dtype.
+
+        Pipelined over the groups: every group's pieces start travelling at once, each group is orthogonalized as
+        soon as its own have arrived, and its updates start back right after, so Newton-Schulz overlaps the
+        exchanges on either side of it. Each stack sees exactly the calls of the one-group step.
+        """
         if self._exchanges is None:
             raise RuntimeError("DistributedMuonStep called before place(): bind it to an optimizer first")
-        s, (gather, scatter) = self.settings, self._exchanges
-        homed = gather(directions, self.wire_dtype, torch.float32, self.group)
-        stats = StepStats(index_bytes=gather.index_bytes + scatter.index_bytes)
-        stacks = homed.split([*self.stack_numels, homed.numel() - sum(self.stack_numels)])
-        for stack, flat in zip(self.my_stacks, stacks):
-            matrices = flat.view(len(stack.names), stack.rows, stack.cols)
-            ortho = orthogonalize(matrices, s.ns_steps, s.coefficients, s.ns_precision, method=s.ns_method)
-            # Scaled straight back into the stack's place: the scatter reads every stack from one buffer.
-            torch.mul(ortho, update_scale(s.scale_mode, stack.rows, stack.cols, s.extra_scale_factor), out=matrices)
-            stats.ns_flops += stack.flops
-            stats.orthogonalized.extend(stack.names)
-        updates = scatter(homed, self.wire_dtype, directions.dtype, self.group)
-        (g_out, g_in), (s_out, s_in) = self.gather.wire_elements(), self.scatter.wire_elements()
+        s, (gathers, scatter) = self.settings, self._exchanges
+        incoming = [gather.start(self.wire_dtype, self.group) for gather in gathers]
+        for transfer in incoming:
+            transfer.send(0, directions)
+        outgoing = scatter.start(self.wire_dtype, self.group)
+        stats = StepStats(index_bytes=sum(g.index_bytes for g in gathers) + scatter.index_bytes, groups=self.groups)
+        for g, transfer in enumerate(incoming):
+            homed = transfer.finish(torch.float32)
+            numels = self.stack_numels[g]
+            for stack, flat in zip(self.my_stacks[g], homed.split([*numels, homed.numel() - sum(numels)])):
+                matrices = flat.view(len(stack.names), stack.rows, stack.cols)
+                ortho = orthogonalize(matrices, s.ns_steps, s.coefficients, s.ns_precision, method=s.ns_method)
+                # Scaled straight back into the stack's place: the scatter packs the group from this buffer.
+                torch.mul(ortho, update_scale(s.scale_mode, stack.rows, stack.cols, s.extra_scale_factor),
+                          out=matrices)
+                stats.ns_flops += stack.flops
+                stats.orthogonalized.extend(stack.names)
+            outgoing.send(g, homed)
+        updates = outgoing.finish(directions.dtype)
+        wire = [table.wire_elements() for table in (*self.gather, *self.scatter)]
         size = self.wire_dtype.itemsize
-        stats.bytes_sent, stats.bytes_received = size * (g_out + s_out), size * (g_in + s_in)
+        stats.bytes_sent, stats.bytes_received = size * sum(w[0] for w in wire), size * sum(w[1] for w in wire)
         return updates, stats
 
 

@@ -9,8 +9,8 @@ its buffer, and the tensor is either a whole row-major [rows, cols] matrix or a 
 [start, start + numel). `Exchange` compiles a route table against the slots of both sides, once, and a call is
 then the same few ops however many pieces there are (on a GPU, a step of one kernel per piece is bound by
 launches): a gather that packs every outgoing element in wire order (peer after peer, routes in table order), a
-cast to the wire dtype, one `all_to_all_single`, and a gather that builds the whole destination buffer from what
-arrived, then a cast. Routes a rank sends to itself take the same path, so they are rounded to the wire dtype like
+cast to the wire dtype, one `all_to_all_single` (one per part, when the exchange is sent in parts), and a gather
+that builds the whole destination buffer from what arrived, then a cast. Routes a rank sends to itself take the same path, so they are rounded to the wire dtype like
 every other piece and the result does not depend on which pieces happened to be local; the collective copies
 them locally (they never reach the wire).
 
@@ -26,7 +26,7 @@ read by the next gather as they are.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -177,44 +177,103 @@ def _runs(table_routes: list[list[Route]], slots: Mapping[str, Slot], slot_side:
 
 
 class Exchange:
-    """A route table compiled against the slots of its source buffer and of its destination buffer.
+    """Route tables compiled against the slots of their source buffers and of one destination buffer.
 
-    Every element of the destination buffer (`destination_numel` of them) must be routed to exactly once: the
-    destination is then built whole by one gather from what arrives, and needs neither zeroing nor a scatter. A
-    layout that leaves a gap or writes an element twice is an error here.
+    An exchange moves one or more *parts*, each its own route table over its own source buffer: a part is packed
+    and sent as soon as its source is ready (`Transfer.send`, an asynchronous all-to-all), while the parts before it
+    may still travel; what arrives lands part after part in one incoming buffer, and one gather builds the
+    destination from it once every part is in (`Transfer.finish`). The pipelined Muon step sends its updates back
+    this way, one part per group of stacks, each as soon as its Newton-Schulz is done.
+
+    Every element of the destination buffer (`destination_numel` of them) must be routed to exactly once by the
+    parts together: the destination is then built whole by one gather from what arrives, and needs neither zeroing
+    nor a scatter. A layout that leaves a gap or writes an element twice is an error here.
     """
 
     def __init__(
         self,
-        table: RouteTable,
-        sources: Mapping[str, Slot],
+        tables: Sequence[RouteTable],
+        sources: Sequence[Mapping[str, Slot]],
         destinations: Mapping[str, Slot],
         destination_numel: int,
         device: torch.device,
     ):
-        self.send_sizes = list(table.sent_elements)
-        self.recv_sizes = list(table.received_elements)
+        if len(tables) != len(sources) or not tables:
+            raise ValueError(f"an exchange needs one source buffer per route table, got {len(tables)} tables and "
+                             f"{len(sources)} sources")
         self.device = device
-        source_numel = sum(slot.numel for slot in sources.values())
-        src, wire, lengths = _runs(table.sends, sources, "src")
-        self.pack = RunGather(wire, src, lengths, sum(self.send_sizes), source_numel, device)
-        dst, wire, lengths = _runs(table.recvs, destinations, "dst")
-        self.unpack = RunGather(dst, wire, lengths, destination_numel, sum(self.recv_sizes), device)
+        self.send_sizes = [list(t.sent_elements) for t in tables]
+        self.recv_sizes = [list(t.received_elements) for t in tables]
+        self.packs = []
+        for table, slots in zip(tables, sources):
+            src, wire, lengths = _runs(table.sends, slots, "src")
+            self.packs.append(RunGather(wire, src, lengths, sum(table.sent_elements),
+                                        sum(slot.numel for slot in slots.values()), device))
+        # The incoming buffer holds the parts one after another, each in its table's wire order.
+        self.part_offsets = [0]
+        for sizes in self.recv_sizes:
+            self.part_offsets.append(self.part_offsets[-1] + sum(sizes))
+        dst, wire, lengths = _runs([routes for t in tables for routes in t.recvs], destinations, "dst")
+        self.unpack = RunGather(dst, wire, lengths, destination_numel, self.part_offsets[-1], device)
+
+    def start(self, wire: torch.dtype, group: dist.ProcessGroup | None) -> Transfer:
+        """Begin moving this exchange's parts, values travelling as `wire`. Collective: every rank of `group` starts
+        the same exchanges in the same order, and sends each part, even one with nothing of its own to move."""
+        return Transfer(self, wire, group)
 
     def __call__(self, source: torch.Tensor, wire: torch.dtype, out_dtype: torch.dtype,
                  group: dist.ProcessGroup | None) -> torch.Tensor:
-        """The destination buffer (padded), in `out_dtype`, from every rank's `source` buffer (padded); values
-        travel as `wire`. Collective: a rank with nothing of its own to move still joins its peers' exchange."""
-        packed = self.pack(source).to(wire)
-        if len(self.send_sizes) == 1:
-            incoming = packed
-        else:
-            received = sum(self.recv_sizes)
-            incoming = torch.empty(received + PADDING, dtype=wire, device=self.device)
-            dist.all_to_all_single(incoming[:received], packed[: sum(self.send_sizes)], self.recv_sizes,
-                                   self.send_sizes, group=group)
-        return self.unpack(incoming).to(out_dtype)
+        """A one-part exchange, start to finish: the destination buffer (padded), in `out_dtype`, from every rank's
+        `source` buffer (padded)."""
+        transfer = self.start(wire, group)
+        transfer.send(0, source)
+        return transfer.finish(out_dtype)
 
     @property
     def index_bytes(self) -> int:
-        return self.pack.index_bytes + self.unpack.index_bytes
+        return sum(pack.index_bytes for pack in self.packs) + self.unpack.index_bytes
+
+
+class Transfer:
+    """An exchange in flight: its parts sent so far and the collectives still moving them."""
+
+    def __init__(self, exchange: Exchange, wire: torch.dtype, group: dist.ProcessGroup | None):
+        self.exchange, self.wire, self.group = exchange, wire, group
+        self.single_rank = len(exchange.send_sizes[0]) == 1
+        self.incoming = None
+        if not (self.single_rank and len(exchange.packs) == 1):
+            self.incoming = torch.empty(exchange.part_offsets[-1] + PADDING, dtype=wire, device=exchange.device)
+        self.sent = 0
+        # (work, packed buffer): the buffer must outlive its asynchronous collective.
+        self.in_flight: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def send(self, part: int, source: torch.Tensor) -> None:
+        """Pack part `part` from `source` (its padded source buffer) and start moving it; parts go in order."""
+        exchange = self.exchange
+        if part != self.sent:
+            raise RuntimeError(f"exchange parts are sent in order: expected part {self.sent}, got {part}")
+        self.sent += 1
+        packed = exchange.packs[part](source).to(self.wire)
+        sent, received = exchange.send_sizes[part], exchange.recv_sizes[part]
+        if self.incoming is None:  # one rank, one part: what it packed is what arrives
+            self.incoming = packed
+            return
+        begin, end = exchange.part_offsets[part], exchange.part_offsets[part + 1]
+        if self.single_rank:
+            self.incoming[begin:end].copy_(packed[:end - begin])
+            return
+        work = dist.all_to_all_single(self.incoming[begin:end], packed[: sum(sent)], received, sent,
+                                      group=self.group, async_op=True)
+        self.in_flight.append((work, packed))
+
+    def wait(self) -> None:
+        for work, _ in self.in_flight:
+            work.wait()
+        self.in_flight.clear()
+
+    def finish(self, out_dtype: torch.dtype) -> torch.Tensor:
+        """Once every part is sent: wait for them and build the destination buffer (padded) in `out_dtype`."""
+        if self.sent != len(self.exchange.packs):
+            raise RuntimeError(f"{len(self.exchange.packs) - self.sent} exchange parts were never sent")
+        self.wait()
+        return self.exchange.unpack(self.incoming).to(out_dtype)
