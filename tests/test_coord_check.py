@@ -18,7 +18,10 @@ At the base width every muP multiplier is 1: there the muP run must be the SP ru
 
 The paper's `essential` preset with Muon is not in the table on purpose: its Muon LR multiplier 1/fan_in
 under the 0.2 sqrt(max(m, n)) update scale makes each hidden update's spectral norm fall like width^(-1/2)
-(`mup_rules`: the muP-exact multiplier would be 1/sqrt(fan_in)). The last test pins that down.
+(`mup_rules`: the muP-exact multiplier would be 1/sqrt(fan_in)). A test pins that down, and the next one the
+fix, the preset `essential_exact` (the same scale with Muon LR 1/sqrt(fan_in)): every hidden update's spectral
+norm is width-independent (measured exponents -0.02 to +0.03; update spread <= 1.07, act / delta <= 1.37 / 1.27,
+the logits again), where `essential`'s spread 2.83 to 2.96 (exponents -0.50 to -0.52).
 """
 
 import pytest
@@ -80,3 +83,16 @@ def test_muon_with_essential_mup_shrinks_updates_as_inverse_sqrt_width():
     assert len(updates) == len(HIDDEN_MODULES) * result.config.num_layers
     for module, s in updates.items():
         assert s.exponent == pytest.approx(-0.5, abs=0.1), (module, s)
+
+
+def test_muon_with_essential_exact_mup_keeps_hidden_updates_width_independent():
+    result = coord_check(CoordCheckConfig(optimizer="muon", preset="essential_exact", parametrizations=("mup",),
+                                          **SMALL))
+    updates = {module: s for (p, q, module), s in result.spreads().items() if q == UPDATE}
+    assert len(updates) == len(HIDDEN_MODULES) * result.config.num_layers
+    for module, s in updates.items():
+        assert s.exponent == pytest.approx(0.0, abs=0.1), (module, s)
+    for quantity in (ACT, DELTA, UPDATE):
+        worst = max(_spreads("mup", quantity, result).values())
+        print(f"muon essential_exact {quantity}: muP worst {worst:.2f}")
+        assert worst <= SPREAD_BOUND, quantity
