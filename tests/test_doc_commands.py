@@ -32,15 +32,22 @@ NOT_RUN_HERE = {
     "pip install -e .": "installs; .ci/run installs the same project with make's pip install -e '.[dev]'",
     "pip install -e '.[te]'": "Transformer Engine needs CUDA; never installed on CPU",
     "pip install -e '.[dev]'": "what make test runs on a fresh clone",
-    "python examples/mup_lr_transfer.py --preset essential": "~20 minutes; tests/test_coord_check.py and "
-                                                             "tests/test_training_loop.py run its path",
+    "python examples/mup_lr_transfer.py --preset essential": "~20 minutes; tests/test_mup_lr_transfer.py runs it "
+                                                             "on a tiny grid",
+    **{f"python examples/mup_lr_transfer.py --preset {preset} --parametrizations mup --out-dir "
+       f"results/mup_lr_transfer_{preset}": "~12 minutes on one core; tests/test_mup_lr_transfer.py runs it on a tiny grid"
+       for preset in ("essential", "essential_exact", "spectral")},
     "python -m megatron_muon.sweep telescope --store s.sqlite --hp lr=1e-3:3e-1 --hp wd=1e-3:1 --fixed steps=150 "
     "--parallel 2": "hours of trials on CPU; tests/test_trial.py runs the default template through two stages",
     "python -m megatron_muon.sweep report --store s.sqlite --out report/": "needs the store of the telescope above; "
                                                                              "tests/test_sweep.py reports a store",
     "python -m megatron_muon.study batch --batch-sizes 4 8 16 32 64 --lr muon=0.01,0.03 --lr adamw=0.003,0.01 "
     "--out bs/": "20 training runs; tests/test_study.py runs the study end to end on a small grid",
-    "python examples/reproduce_paper.py": "25 minutes; regenerates examples/reproduce_paper.md",
+    "python examples/reproduce_paper.py": "~50 minutes on 2 cores; regenerates examples/reproduce_paper.md; its "
+        "new pieces are tested in tests/test_trial.py (muP knobs, template fields) and tests/test_sweep.py (refined "
+        "brute force)",
+    "python examples/reproduce_paper.py --quick": "~14 minutes on 2 cores; the same commands as the full run on "
+                                                  "smaller grids",
     "make gpu-check": "the GPU acceptance run; on CPU its subset, run by tests/test_gpu_check.py",
     "python benchmarks/gpu_check.py --parts newton_schulz training --optimizers muon adam": "two of the CPU parts "
         "of the subset that tests/test_gpu_check.py::test_cpu_subset_end_to_end runs",

@@ -419,6 +419,45 @@ def test_seeds_run_the_final_stage_and_the_brute_force_grid_once_per_seed(sweep_
     assert "needs a {seed} field" in capsys.readouterr().err
 
 
+def test_refined_brute_force_seeds_only_its_best_points_and_resumes(sweep_env, capsys):
+    """--refine-top 2: the 4 x 4 grid at the first seed, then its 2 best points with the other 2 seeds; the optimum
+    is the better mean of those 2, and the report pairs it with the telescope's seeded choice."""
+    assert main(sweep_env["args"]("--parallel", "4", "--seeds", "3", seeded=True)) == 0
+    brute = sweep_env["args"]("--seeds", "3", seeded=True)
+    brute[0] = "brute"
+    refine = [*brute, "--brute-points", "4", "--parallel", "4", "--refine-top", "2"]
+    capsys.readouterr()
+    assert main(refine) == 0
+    optimum = json.loads(capsys.readouterr().out)
+    with ResultStore(sweep_env["store"]) as store:
+        trials = store.trials(kind="brute_force")
+    first = [t for t in trials if t.params["seed"] == 1234]
+    assert len(first) == 16 and len(trials) == 16 + 2 * 2
+    best_two = sorted(first, key=lambda t: t.final_loss)[:2]
+    point = {t.key: t.key.rsplit("/", 1)[0] for t in trials}
+    seeded = {point[t.key] for t in best_two}
+    assert {point[t.key] for t in trials if t.params["seed"] != 1234} == seeded
+    means = {p: sum(t.final_loss for t in trials if point[t.key] == p) / 3 for p in seeded}
+    assert optimum["optimum_loss"]["seeds"] == 3
+    assert optimum["optimum_loss"]["mean"] == pytest.approx(min(means.values()))
+    assert optimum["refine_top"] == 2
+    # Rerun: nothing left to run.
+    started = sum(ledger_counts(sweep_env["ledger"], "start").values())
+    assert main(refine) == 0 and sum(ledger_counts(sweep_env["ledger"], "start").values()) == started
+    out = sweep_env["tmp"] / "report"
+    assert main(["report", "--store", str(sweep_env["store"]), "--out", str(out)]) == 0
+    (comparison,) = json.loads((out / "summary.json").read_text())["brute_force"]
+    assert (comparison["runs"], comparison["seeds"], comparison["seeded_points"]) == (20, 3, 2)
+    assert comparison["optimum_loss"] == pytest.approx(min(means.values()))
+    assert comparison["loss_difference"]["seeds"] == 3 and comparison["difference_within_seed_noise"] is not None
+    assert "4^2 points at one seed, the best 2 x 3 seeds = 20 runs" in (out / "report.md").read_text()
+    # Refining needs seeds to refine with.
+    one_seed = sweep_env["args"](seeded=True)
+    one_seed[0] = "brute"
+    assert main([*one_seed, "--store", str(sweep_env["tmp"] / "other.sqlite"), "--refine-top", "2"]) == 2
+    assert "--refine-top 2: needs K >= 1 and --seeds 2 or more" in capsys.readouterr().err
+
+
 def _seeded_store(path, telescope_corner, brute_corner):
     """A one-stage telescope (width 32, 3 x 3 points, 3 seeds) and a 3 x 3 brute force on the same grid, with
     constructed losses: 4.0 everywhere but the telescope's lr-2/wd-2 corner and the brute force's lr+2/wd+2 corner,

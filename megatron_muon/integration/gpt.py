@@ -39,7 +39,12 @@ def transformer_config(shape: GPTShape, dtype: torch.dtype = torch.float32, **ov
             moe_grouped_gemm=False,
         )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    if config.use_mup and "mup_output_mult" in overrides:
+        # Megatron reads mup_output_mult == 1.0 as unset and replaces it by 1 / mup_width_mult; a muP setup whose
+        # tuned output multiplier cancels the preset's asks for logits x1 exactly.
+        config.mup_output_mult = overrides["mup_output_mult"]
+    return config
 
 
 def layer_spec(shape: GPTShape, spec: str = "local"):

@@ -13,7 +13,9 @@ paper's; `essential_exact`, its update scale with Muon's width-exact LR; or `spe
   uses that matrix's own fan ratios (MLP down: ffn; K/V: query groups x head dim);
 * LR / weight decay / Adam eps: `apply_mup` tags each parameter with its `ParamRule` (`param.mup_rule`), and
   `mup_config_overrides` turns the tags into Megatron param-group overrides (max_lr, min_lr, wd_mult, eps) for the
-  plugin's Muon and its chained Adam, or for Megatron's own Adam (the AdamW baseline under the same muP).
+  plugin's Muon and its chained Adam, or for Megatron's own Adam (the AdamW baseline under the same muP);
+* two hyperparameters on top of a preset: `MupSpec.embedding_lr_mult` multiplies the word embedding's LR rule and
+  `output_mult` the logit multiplier (1: the preset as it is), so a sweep can tune them on the base model.
 
 Base widths not given default to the target's shape ratios (`base_widths`): only the hidden size is required.
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -62,15 +64,29 @@ _ROLE_BY_NAME = [
 @dataclass(frozen=True)
 class MupSpec:
     """What a muP run needs beyond the TransformerConfig: the preset, the base (proxy) model's widths, and what
-    trains the hidden matrices: "muon" (Muon, with Adam on embeddings, head and vectors) or "adam" (everything)."""
+    trains the hidden matrices: "muon" (Muon, with Adam on embeddings, head and vectors) or "adam" (everything).
+
+    Two tunable multipliers on top of the preset, width-independent like the base model's hyperparameters (1: the
+    preset as it is): `embedding_lr_mult` on the word embedding's LR (peak and floor; with tied embeddings that is
+    the output head's too), `output_mult` on the logits (the model must be built with it:
+    `transformer_config_fields(..., output_mult=...)`)."""
 
     preset: str
     base: ModelWidths
     optimizer: str = "muon"
+    embedding_lr_mult: float = 1.0
+    output_mult: float = 1.0
 
     def __post_init__(self):
         if self.optimizer not in ("muon", "adam"):
             raise ValueError(f"MupSpec.optimizer must be 'muon' or 'adam', got {self.optimizer!r}")
+        check_multiplier("embedding_lr_mult", self.embedding_lr_mult)
+        check_multiplier("output_mult", self.output_mult)
+
+
+def check_multiplier(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"muP {name} must be finite and > 0, got {value!r}")
 
 
 def target_widths(config) -> ModelWidths:
@@ -145,16 +161,19 @@ def forward_multipliers(preset: str, base_hidden: int, hidden: int) -> tuple[flo
     return r ** float(p.embedding_forward_power), r ** float(p.output_forward_power)
 
 
-def transformer_config_fields(preset: str, base_hidden: int, hidden: int, base_head_dim: int) -> dict:
-    """The TransformerConfig muP fields for `preset` (megatron.training sets them from the flags).
+def transformer_config_fields(preset: str, base_hidden: int, hidden: int, base_head_dim: int,
+                              output_mult: float = 1.0) -> dict:
+    """The TransformerConfig muP fields for `preset` (megatron.training sets them from the flags), with the logits
+    multiplied by `output_mult` on top of the preset's (MupSpec.output_mult).
 
     mup_base_head_dim makes Megatron's attention scale sqrt(base_head_dim) / head_dim: the standard
     1 / sqrt(head_dim) at the base, so the base model is the SP model the hyperparameters were tuned on (left
     unset, Megatron uses 1 / head_dim at every width, the base included).
     """
-    embedding_mult, output_mult = forward_multipliers(preset, base_hidden, hidden)
+    check_multiplier("output_mult", output_mult)
+    embedding_mult, preset_output_mult = forward_multipliers(preset, base_hidden, hidden)
     return dict(use_mup=True, mup_base_hidden_size=base_hidden, mup_embedding_mult=embedding_mult,
-                mup_output_mult=output_mult, mup_base_head_dim=base_head_dim)
+                mup_output_mult=preset_output_mult * output_mult, mup_base_head_dim=base_head_dim)
 
 
 def megatron_init_mult(role: str, config) -> float:
@@ -217,11 +236,13 @@ def apply_mup(model_chunks: list, spec: MupSpec) -> dict[str, ParamRule]:
     if not config.use_mup:
         raise ValueError("muP preset given but the model was built without use_mup (--use-mup)")
     embedding_mult, output_mult = forward_multipliers(spec.preset, spec.base.hidden, config.hidden_size)
+    output_mult *= spec.output_mult
     for field, value in (("mup_embedding_mult", embedding_mult), ("mup_output_mult", output_mult)):
         if not math.isclose(getattr(config, field), value, rel_tol=1e-9):
             raise ValueError(
                 f"TransformerConfig.{field} is {getattr(config, field)}, but muP preset {spec.preset} with base hidden "
-                f"{spec.base.hidden} needs {value:.6g}: build the model with transformer_config_fields(...)"
+                f"{spec.base.hidden} (output_mult {spec.output_mult:g}) needs {value:.6g}: build the model with "
+                f"transformer_config_fields(...)"
             )
     target = target_widths(config)
     applied = {}
@@ -252,6 +273,8 @@ def apply_mup(model_chunks: list, spec: MupSpec) -> dict[str, ParamRule]:
                         param.data[r.row0 : r.row0 + r.rows, r.col0 : r.col0 + r.cols].mul_(correction)
                 elif first.column != "vector":  # norms start at 1 and biases at 0: no width to correct for
                     param.data.mul_(first.init_std_mult / megatron_init_mult(found, config))
+            if found == EMBEDDING:
+                first = replace(first, lr_mult=first.lr_mult * spec.embedding_lr_mult)
             param.mup_rule = first
             applied[name] = first
     from megatron.core.utils import log_single_rank
@@ -260,7 +283,9 @@ def apply_mup(model_chunks: list, spec: MupSpec) -> dict[str, ParamRule]:
     log_single_rank(
         logger, logging.INFO,
         f"megatron-muon: muP preset {spec.preset} for {spec.optimizer}, base {spec.base} -> target {target}: per-matrix init applied to "
-        f"{len(applied)} parameters, LR multipliers {lr_mults}, embedding x{embedding_mult:.4g}, logits x{output_mult:.4g}",
+        f"{len(applied)} parameters, LR multipliers {lr_mults}, embedding x{embedding_mult:.4g}, "
+        f"logits x{output_mult:.4g}"
+        + (f", embedding LR x{spec.embedding_lr_mult:g} on the preset's" if spec.embedding_lr_mult != 1.0 else ""),
     )
     return applied
 

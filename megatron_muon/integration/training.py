@@ -54,12 +54,16 @@ def synthetic_batches(shape: GPTShape, micro_batch: int, count: int, seed: int) 
     return out
 
 
+def position_ids_and_mask(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GPTModel's other two inputs for `tokens` [micro_batch, seq]: positions 0..seq-1 and the causal mask."""
+    seq = tokens.shape[1]
+    position_ids = torch.arange(seq).unsqueeze(0).expand_as(tokens)
+    return position_ids, torch.ones(seq, seq, dtype=torch.bool).triu(1).view(1, 1, seq, seq)
+
+
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    seq = batch.tokens.shape[1]
-    position_ids = torch.arange(seq).unsqueeze(0).expand_as(batch.tokens)
-    causal_mask = torch.ones(seq, seq, dtype=torch.bool).triu(1).view(1, 1, seq, seq)
-    per_token_loss = model(batch.tokens, position_ids, causal_mask, labels=batch.labels)
+    per_token_loss = model(batch.tokens, *position_ids_and_mask(batch.tokens), labels=batch.labels)
 
     def loss_func(output):
         loss = output.float().mean()
@@ -92,13 +96,16 @@ def forward_backward(model_chunks: list, microbatches: list[Batch], shape: GPTSh
 class MupSetup:
     """muP relative to a base (proxy) model: `preset` (mup.rules.PRESETS) and the base's hidden size; the other
     base widths default to the target's shape ratios (integration/mup.py's base_widths), the base head dim to the
-    target's (so the attention scale is the standard 1/sqrt(head_dim) at the base)."""
+    target's (so the attention scale is the standard 1/sqrt(head_dim) at the base). `embedding_lr_mult` and
+    `output_mult` multiply the word embedding's LR and the logits on top of the preset's (mup.MupSpec)."""
 
     preset: str
     base_hidden: int
     base_head_dim: int | None = None
     base_ffn_hidden: int | None = None
     base_num_query_groups: int | None = None
+    embedding_lr_mult: float = 1.0
+    output_mult: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +164,7 @@ class Trainer:
         if setup.mup is not None:
             head_dim = setup.mup.base_head_dim or setup.shape.head_dim
             fields = mup.transformer_config_fields(setup.mup.preset, setup.mup.base_hidden, setup.shape.hidden_size,
-                                                   head_dim)
+                                                   head_dim, output_mult=setup.mup.output_mult)
         self.models = [build_gpt(setup.shape, setup.dtype, **fields)]
         self.mup_rules = {}
         if setup.mup is not None:
@@ -166,7 +173,10 @@ class Trainer:
                 setup.mup.base_head_dim, setup.mup.base_num_query_groups,
             )
             trains_matrices = "muon" if config.optimizer in ("muon", "nvidia_muon") else "adam"
-            self.mup_rules = mup.apply_mup(self.models, mup.MupSpec(setup.mup.preset, base, trains_matrices))
+            self.mup_rules = mup.apply_mup(self.models, mup.MupSpec(
+                setup.mup.preset, base, trains_matrices, embedding_lr_mult=setup.mup.embedding_lr_mult,
+                output_mult=setup.mup.output_mult,
+            ))
         if init_weights is not None:
             init_weights(self.models)
         self.model_chunks = self._wrap()

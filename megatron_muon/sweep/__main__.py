@@ -2,7 +2,8 @@
 
     plan       print the stages, grids and predicted compute of a telescope (nothing runs)
     telescope  run it: stage by stage, resumable (rerun the same command after a crash)
-    brute      the full base grid at one width, for comparison with the telescope (same store)
+    brute      the full base grid at one width, for comparison with the telescope (same store; --refine-top K:
+               one seed per point, all seeds at the best K)
     report     heatmaps, per-stage distributions, drift, power-law fit, brute-force comparison
     economics  the paper's Fig. 13: % saved vs brute force and % of compute on the final run
 
@@ -23,6 +24,7 @@ from megatron_muon.study.metrics import seed_spread
 from megatron_muon.sweep.runner import (
     DEFAULT_FIXED,
     DEFAULT_TEMPLATE,
+    OPTIONAL_TRIAL_FIELDS,
     RunnerOptions,
     SweepIncomplete,
     TelescopeConfig,
@@ -75,7 +77,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--points", type=int, default=8, help="m0: grid points per hyperparameter at the base width")
     g.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help="trial command; {field}s come from --fixed, width, the hyperparameters, and the runner's "
-                        "{python} {out} {run_dir}")
+                        "{python} {out} {run_dir}; the default passes the trial's "
+                        + ", ".join(f"--{n.replace('_', '-')}" for n in OPTIONAL_TRIAL_FIELDS)
+                        + " when a --hp or --fixed names them")
     g.add_argument("--fixed", action="append", default=[], metavar="NAME=VALUE",
                    help=f"a template field held constant (repeat; defaults {DEFAULT_FIXED})")
     g.add_argument("--objective", choices=("final", "smoothed"), default="final",
@@ -107,13 +111,16 @@ def add_runner_args(p: argparse.ArgumentParser) -> None:
 
 def config_from(args) -> TelescopeConfig:
     template, fixed = args.template, parse_fixed(args.fixed)
+    ranges = tuple(args.hp or [parse_range(r) for r in DEFAULT_RANGES])
     if template == DEFAULT_TEMPLATE:
         # The embedded trial in muP relative to the sweep's base width: the swept LR / WD are the base model's.
         template += " --mup-base-width {mup_base_width}"
         fixed.setdefault("mup_base_width", args.base_width)
+        named = set(fixed) | {r.name for r in ranges}
+        template += "".join(f" --{name.replace('_', '-')} {{{name}}}" for name in OPTIONAL_TRIAL_FIELDS
+                            if name in named)
     return TelescopeConfig(
-        base_width=args.base_width, calibration_width=args.calibration_width,
-        ranges=tuple(args.hp or [parse_range(r) for r in DEFAULT_RANGES]), points=args.points,
+        base_width=args.base_width, calibration_width=args.calibration_width, ranges=ranges, points=args.points,
         final_width=args.final_width, template=template, fixed=fixed,
         objective=args.objective, cost_exponent=args.cost_exponent, seeds=args.seeds,
         seed_every_stage=args.seed_every_stage,
@@ -209,9 +216,10 @@ def cmd_brute(args) -> int:
     points = args.brute_points or config.points
 
     def body(runner):
-        chosen = run_brute_force(config, runner, width, points)
+        chosen = run_brute_force(config, runner, width, points, args.refine_top)
         return dict(brute_force_optimum=dict(zip(names, chosen_values(chosen, names))),
-                    optimum_loss=_spread(chosen, config.objective), width=width, points=points)
+                    optimum_loss=_spread(chosen, config.objective), width=width, points=points,
+                    refine_top=args.refine_top)
 
     return run_with_store(args, config.fingerprint_dict(), _columns(config), config.objective, body)
 
@@ -252,6 +260,9 @@ def main(argv=None) -> int:
     add_runner_args(p)
     p.add_argument("--width", type=int, help="default: the calibration width")
     p.add_argument("--brute-points", type=int, help="points per hyperparameter (default --points)")
+    p.add_argument("--refine-top", type=int, metavar="K",
+                   help="with --seeds N: the grid at the first seed only, then its best K points with all N seeds; "
+                        "the optimum is the best mean over seeds among those K (default: every point N times)")
     p.set_defaults(run=cmd_brute)
     p = sub.add_parser("report", help="plots and tables from a store")
     p.add_argument("--store", type=Path, default=Path("sweep.sqlite"))

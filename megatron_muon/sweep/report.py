@@ -13,7 +13,8 @@ A grid point run with several seeds counts as its mean over seeds (a diverged se
 seeds (mean, std, bootstrap interval of the mean) is reported with each stage's optimum. The brute-force
 comparison judges the telescope's miss with that noise: the loss difference between the telescope's choice and the
 brute-force optimum, paired seed by seed, with its bootstrap interval, is reported as within the seed noise when
-the interval holds 0.
+the interval holds 0. A refined brute force (`sweep brute --refine-top K`) ran every point at one seed and its best
+K with every seed; its optimum is the best mean among those K.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from megatron_muon.study.metrics import DEFAULT_CONFIDENCE, power_law_fit, seed_spread  # noqa: E402
-from megatron_muon.sweep.runner import GridPoint, TelescopeConfig, grid_points  # noqa: E402
+from megatron_muon.sweep.runner import GridPoint, TelescopeConfig, brute_force_optimum, grid_points  # noqa: E402
 from megatron_muon.sweep.store import ResultStore, Trial  # noqa: E402
 from megatron_muon.sweep.telescope import TelescopePlan, economics  # noqa: E402
 
@@ -287,20 +288,23 @@ def _brute_force_comparison(store, brute_trials, plan, best_by_stage, objective)
     telescope_wall = sum(t.wall_s or 0.0 for t in telescope_trials)
     out = []
     for (width, points_tag), trials in sorted(groups.items()):
-        finished = [p for p in grid_points(trials) if p.finished and math.isfinite(p.loss(objective))]
-        if not finished:
+        grid = grid_points(trials)
+        brute_best = brute_force_optimum(grid, objective)
+        if brute_best is None:
             continue
+        finished = [p for p in grid if p.finished and math.isfinite(p.loss(objective))]
         points = int(points_tag[1:])
-        brute_best = min(finished, key=lambda p: p.loss(objective))
         brute_cell = [r.log_span / (points - 1) for r in plan.ranges]
-        row = dict(width=width, points=points, seeds=len(brute_best.trials), runs=len(trials),
+        seeds = len(brute_best.trials)
+        row = dict(width=width, points=points, seeds=seeds, runs=len(trials),
+                   seeded_points=sum(len(p.trials) == seeds for p in grid),
                    finished=sum(t.finished and math.isfinite(t.objective(objective)) for t in trials),
                    optimum={n: brute_best.params[n] for n in names}, optimum_loss=brute_best.loss(objective),
                    optimum_spread=asdict(seed_spread(brute_best.values(objective))))
         if chosen is not None:
             distance = [abs(math.log(chosen.params[n] / brute_best.params[n])) for n in names]
             within_cell = all(d <= s * (1 + 1e-9) for d, s in zip(distance, brute_cell))
-            difference = _paired_difference(chosen, brute_best, objective)
+            difference = paired_difference(chosen, brute_best, objective)
             within_noise = difference.contains(0.0)
             row.update(
                 telescope_choice={n: chosen.params[n] for n in names},
@@ -323,15 +327,15 @@ def _brute_force_comparison(store, brute_trials, plan, best_by_stage, objective)
     return out
 
 
-def _paired_difference(telescope: GridPoint, brute: GridPoint, objective: str):
-    """Telescope loss - brute-force loss per seed, with the spread of its mean. Pairs need one set of seed labels:
-    seed i trains both points from the same init and data order at one width, so pairing cancels what they share.
-    Without common seeds (or with one) the difference has no interval."""
-    seeds = [t.params.get("seed") for t in telescope.trials]
-    by_seed = {t.params.get("seed"): t.objective(objective) for t in brute.trials}
+def paired_difference(a: GridPoint, b: GridPoint, objective: str):
+    """a's loss - b's per seed (the telescope's choice and the brute-force optimum, say), with the spread of its
+    mean. Pairs need one set of seed labels: seed i trains both points from the same init and data order at one
+    width, so pairing cancels what they share. Without common seeds (or with one) the difference has no interval."""
+    seeds = [t.params.get("seed") for t in a.trials]
+    by_seed = {t.params.get("seed"): t.objective(objective) for t in b.trials}
     if len(seeds) > 1 and sorted(seeds) == sorted(by_seed):
-        return seed_spread([t.objective(objective) - by_seed[t.params.get("seed")] for t in telescope.trials])
-    return seed_spread([telescope.loss(objective) - brute.loss(objective)])
+        return seed_spread([t.objective(objective) - by_seed[t.params.get("seed")] for t in a.trials])
+    return seed_spread([a.loss(objective) - b.loss(objective)])
 
 
 def _fmt(d: dict | None) -> str:
@@ -374,6 +378,8 @@ def _markdown(summary: dict, plan: TelescopePlan, names) -> str:
                          " that takes a fourth width." if fit["widths"] == 3 else "")]
     for b in summary["brute_force"]:
         per_point = f" x {b['seeds']} seeds" if b["seeds"] > 1 else ""
+        if b["seeds"] > 1 and b["seeded_points"] < b["points"] ** len(names):
+            per_point = f" at one seed, the best {b['seeded_points']}{per_point}"
         lines += ["", f"Brute force at width {b['width']} ({b['points']}^{len(names)} points{per_point} = {b['runs']} "
                       f"runs, {b['finished']} finished): optimum "
                       f"{_fmt(b['optimum'])}, loss {_with_spread(b['optimum_spread'])}."]

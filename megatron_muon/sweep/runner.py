@@ -12,7 +12,9 @@ The telescope driver runs Algorithm 1 stage by stage: a stage's centre and its t
 one transaction when the stage starts, so a resumed sweep runs exactly the grid it started with, and the next
 stage starts only when every trial of the current one has finished. With `seeds` > 1 every grid point of the final
 stage (of every stage with `seed_every_stage`) and of the brute-force grid runs once per seed (the fixed `seed`,
-seed + 1, ...); a point's loss is then the mean over its seeds, and a diverged seed makes it inf.
+seed + 1, ...); a point's loss is then the mean over its seeds, and a diverged seed makes it inf. A refined brute
+force runs its grid at the first seed and only its best K points with every seed; its optimum is the best mean
+among those K.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ DEFAULT_TEMPLATE = (
     "--global-batch {global_batch} --steps {steps} --seed {seed} --out {out}"
 )
 DEFAULT_FIXED = dict(optimizer="muon", global_batch=16, steps=100, seed=1234)
+# Trial flags the default template passes only when a --hp or --fixed names them, so a sweep that names none keeps
+# the command (and so the store fingerprint) it always had.
+OPTIONAL_TRIAL_FIELDS = ("mup_preset", "embedding_lr_mult", "output_mult")
 # Filled in by the runner for every attempt, never by the user.
 RUNNER_FIELDS = ("python", "out", "run_dir")
 RESULT_FILE, LOG_FILE = "result.json", "log.txt"
@@ -378,8 +383,10 @@ def run_telescope(config: TelescopeConfig, runner: TrialRunner) -> GridPoint:
     return best_point(previous, names, config.objective)
 
 
-def brute_force_specs(config: TelescopeConfig, width: int, points: int) -> list[TrialSpec]:
-    """The full grid over the base ranges at one width: what telescoping is meant to approximate."""
+def brute_force_specs(config: TelescopeConfig, width: int, points: int,
+                      seeds: Sequence[int | None] | None = None) -> list[TrialSpec]:
+    """The full grid over the base ranges at one width: what telescoping is meant to approximate. Every point runs
+    with `seeds` (default: the config's)."""
     brute = plan_telescope(width, width, config.ranges, points, cost_exponent=config.cost_exponent).stages[0]
     names = [r.name for r in config.ranges]
     specs = []
@@ -387,13 +394,43 @@ def brute_force_specs(config: TelescopeConfig, width: int, points: int) -> list[
         point = brute.log_point(config.plan().base_log_centre, offset)
         params = dict(config.fixed, width=width, **{n: math.exp(v) for n, v in zip(names, point)})
         key = f"brute_force/w{width}/p{points}/" + "/".join(f"{n}{o:+d}" for n, o in zip(names, offset))
-        specs += seeded_specs(key, "brute_force", None, width, params, config.seed_values())
+        specs += seeded_specs(key, "brute_force", None, width, params,
+                              config.seed_values() if seeds is None else seeds)
     return specs
 
 
-def run_brute_force(config: TelescopeConfig, runner: TrialRunner, width: int, points: int) -> GridPoint:
+def brute_force_optimum(points: Sequence[GridPoint], objective: str) -> GridPoint | None:
+    """The brute-force grid's optimum: the lowest mean over seeds among the finished points run with the most
+    seeds, so on a refined grid (one seed everywhere, every seed at its best few points) a point's lucky first seed
+    never beats the others' means. None when no such point has a finite loss."""
+    finished = [p for p in points if p.finished]
+    if not finished:
+        return None
+    most = max(len(p.trials) for p in finished)
+    seeded = [p for p in finished if len(p.trials) == most and math.isfinite(p.loss(objective))]
+    return min(seeded, key=lambda p: p.loss(objective), default=None)
+
+
+def run_brute_force(config: TelescopeConfig, runner: TrialRunner, width: int, points: int,
+                    refine_top: int | None = None) -> GridPoint:
+    """The grid with every seed, or with `refine_top` = K: the grid at the first seed, then its best K points with
+    every seed (a fraction of the runs when the grid is large, and still an optimum judged by its seeds)."""
+    seeds = config.seed_values()
+    if refine_top is not None and (refine_top < 1 or len(seeds) < 2):
+        raise ValueError(f"--refine-top {refine_top}: needs K >= 1 and --seeds 2 or more")
     runner.recover()
-    specs = brute_force_specs(config, width, points)
+    specs = brute_force_specs(config, width, points, seeds[:1] if refine_top else seeds)
     runner.store.add_trials(specs)
     trials = runner.drive([s.key for s in specs], f"brute force: width {width}, {len(specs)} runs")
-    return best_point(trials, [r.name for r in config.ranges], config.objective)
+    if refine_top:
+        ranked = sorted((p for p in grid_points(trials) if math.isfinite(p.loss(config.objective))),
+                        key=lambda p: p.loss(config.objective))
+        refined = [spec for p in ranked[:refine_top]
+                   for spec in seeded_specs(p.key, "brute_force", None, width, p.params, seeds[1:])]
+        runner.store.add_trials(refined)
+        title = f"brute force: width {width}, the best {refine_top} points x {len(seeds) - 1} more seeds"
+        trials += runner.drive([s.key for s in refined], title)
+    optimum = brute_force_optimum(grid_points(trials), config.objective)
+    if optimum is None:
+        raise ValueError(f"no point of the brute-force grid at width {width} finished with a finite loss")
+    return optimum

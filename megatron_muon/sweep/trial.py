@@ -18,6 +18,8 @@ batch and steps stay fixed. With `--mup-base-width N0` the model is parametrized
 (megatron_muon/integration/mup.py, preset `--mup-preset`, the paper's `essential` by default): per-matrix init,
 embedding and logit multipliers, and per-parameter LR / weight decay / Adam eps, so the swept LR and WD are the
 base model's and should transfer across widths. Without it (0) the model is in standard parametrization.
+`--embedding-lr-mult` and `--output-mult` (muP only) multiply the word embedding's LR and the logits on top of the
+preset's, so they can be swept like the LR (1: the preset as it is).
 
 It trains as a user's Megatron run does (megatron_muon/integration/training.py): one gloo rank, megatron-core's
 DDP and `get_megatron_optimizer` with the plugin installed, so `--optimizer muon` is the plugin's distributed
@@ -142,22 +144,27 @@ def optimizer_config(args):
     )
 
 
-def train(args) -> dict:
-    import torch.distributed as dist
+def training_setup(args, shape):
+    """What the trial trains: `shape` with the trial's optimizer, schedule and parametrization."""
+    from megatron_muon.integration.training import LRSchedule, MupSetup, TrainingSetup
 
-    from megatron_muon.integration.parallel_state import model_parallel
-    from megatron_muon.integration.training import LRSchedule, MupSetup, Trainer, TrainingSetup, token_batches
-
-    data = (CorpusData if args.data == "corpus" else MarkovData)(args)
-    shape = shape_for_width(args.width, data.vocab_size, args)
     # Linear warmup over 10% of the steps, then cosine to 0.1x the peak (min_lr): the paper's schedule. Megatron's
     # scheduler needs the decay to outlast the warmup, which a one-step run's does not.
     warmup = max(1, args.steps // 10)
     schedule = LRSchedule(decay_steps=max(args.steps, warmup + 1), warmup_steps=warmup, style="cosine")
-    setup = TrainingSetup(
-        shape, optimizer_config(args), schedule=schedule,
-        mup=MupSetup(args.mup_preset, args.mup_base_width) if args.mup_base_width else None,
-    )
+    mup = MupSetup(args.mup_preset, args.mup_base_width, embedding_lr_mult=args.embedding_lr_mult,
+                   output_mult=args.output_mult) if args.mup_base_width else None
+    return TrainingSetup(shape, optimizer_config(args), schedule=schedule, mup=mup)
+
+
+def train(args) -> dict:
+    import torch.distributed as dist
+
+    from megatron_muon.integration.parallel_state import model_parallel
+    from megatron_muon.integration.training import Trainer, token_batches
+
+    data = (CorpusData if args.data == "corpus" else MarkovData)(args)
+    setup = training_setup(args, shape_for_width(args.width, data.vocab_size, args))
     # A file store, not a TCP port: trials started side by side cannot race for the same port.
     with tempfile.TemporaryDirectory() as rendezvous:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
@@ -228,8 +235,25 @@ def parse_args(argv=None):
     parser.add_argument("--mup-base-width", type=int, default=0,
                         help="muP base width N0 (LR and WD are the base model's); 0: standard parametrization")
     parser.add_argument("--mup-preset", default="essential", help="muP preset (megatron_muon.mup.rules.PRESETS)")
+    parser.add_argument("--embedding-lr-mult", type=multiplier, default=1.0,
+                        help="muP: the word embedding's (and tied head's) LR times this, on top of the preset's")
+    parser.add_argument("--output-mult", type=multiplier, default=1.0,
+                        help="muP: the logits times this, on top of the preset's output multiplier")
     parser.add_argument("--out", type=Path, required=True, help="result JSON, written atomically at the end")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.mup_base_width:
+        for flag in ("--embedding-lr-mult", "--output-mult"):
+            if getattr(args, flag[2:].replace("-", "_")) != 1.0:
+                parser.error(f"{flag} multiplies a muP multiplier; it needs muP (--mup-base-width N), and standard "
+                             f"parametrization has none to multiply")
+    return args
+
+
+def multiplier(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
+    return value
 
 
 def main(argv=None) -> None:
