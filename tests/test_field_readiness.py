@@ -147,6 +147,24 @@ def test_muon_reaches_the_plugin_whatever_the_import_order(import_first):
     assert "ShardedMuonAdamW" == built["OptimizerConfig"] or "MuonOptimizerConfig" in built["OptimizerConfig"], built
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "nvidia_muon"])
+def test_a_yaml_config_asking_for_muon_is_refused_naming_the_flag(tmp_path, monkeypatch, optimizer):
+    """--yaml-cfg replaces the command line and skips validate_args, where the plugin's flags are checked."""
+    import megatron.training.arguments as arguments
+
+    import megatron_muon
+
+    megatron_muon.install()
+    config = tmp_path / "run.yaml"
+    # Besides the optimizer, what megatron-core 0.19.2's parse_args reads from a YAML before validating it.
+    config.write_text(f"optimizer: {optimizer}\nlr: 0.01\ndisable_msc_deprecated: false\nenable_msc: false\n"
+                      f"use_checkpoint_args: false\n")
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", "--yaml-cfg", str(config)])
+    with pytest.raises(ValueError, match=rf"--yaml-cfg {re.escape(str(config))}: optimizer {optimizer} through "
+                                         r"Megatron's experimental YAML arguments skips megatron-muon's flags"):
+        arguments.parse_and_validate_args()
+
+
 # --- version and symbol guard ----------------------------------------------------------------------------------
 
 

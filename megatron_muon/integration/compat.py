@@ -137,6 +137,7 @@ TRAINING_TOUCHES: tuple[Touch, ...] = (
     Touch(_ARGS, "add_megatron_arguments", ("parser",), "replaced"),
     Touch(_ARGS, "validate_args", ("args", "defaults"), "replaced"),
     Touch(_ARGS, "_print_args", ("title", "args"), "replaced"),
+    Touch("megatron.training.yaml_arguments", "validate_yaml", ("args", "defaults"), "replaced"),
     Touch(_TRAIN, "get_megatron_optimizer", None, "replaced"),
     Touch(_TRAIN, "OptimizerConfig", None, "replaced"),
     Touch(_TRAIN, "get_model", None, "replaced"),

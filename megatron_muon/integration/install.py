@@ -19,6 +19,8 @@ Hooks (megatron-core 0.19.2):
   optimizer for any optimizer but adam / sgd; the plugin's Muon runs inside Megatron's standard
   `DistributedOptimizer`, so it is validated as adam would be. Then the plugin's own checks run (flags that the
   plugin's Muon cannot honour are refused here, before the model is built) and the muP flags are resolved.
+- `megatron.training.yaml_arguments.validate_yaml`: `--yaml-cfg` replaces the command line by Megatron's
+  experimental YAML arguments, which skip `validate_args`; a YAML asking for Muon is refused there.
 - `megatron.training.training.get_model`: with a muP preset, the built model gets the preset's per-matrix init
   and its parameters their muP tags (`integration/mup.py`); `get_mup_config_overrides` then yields nothing, since
   `get_megatron_optimizer` turns the tags into param-group overrides for any optimizer.
@@ -112,6 +114,17 @@ def _nvidia_muon():
         _building_nvidia_muon = False
 
 
+def refuse_yaml_muon(args) -> None:
+    """`--yaml-cfg` replaces the whole command line by Megatron's experimental YAML arguments and validates them with
+    `validate_yaml`, not `validate_args`: the plugin's flags, defaults and checks are not part of that path."""
+    if getattr(args, "optimizer", None) in ("muon", "nvidia_muon"):
+        raise ValueError(
+            f"--yaml-cfg {getattr(args, 'yaml_cfg', '')}: optimizer {args.optimizer} through Megatron's experimental "
+            f"YAML arguments skips megatron-muon's flags and checks (--muon-*, --mup-preset); give the arguments on "
+            f"the command line instead"
+        )
+
+
 def refuse_unsupported_args(args) -> None:
     """Megatron features the plugin's Muon cannot run yet: refused at argument validation, naming the flag."""
     if args.optimizer != "muon":
@@ -148,6 +161,7 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
     try:
         arguments = importlib.import_module("megatron.training.arguments")
         training = importlib.import_module("megatron.training.training")
+        yaml_arguments = importlib.import_module("megatron.training.yaml_arguments")
     except ImportError:
         return
     from megatron_muon.integration.flags import (
@@ -212,13 +226,23 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
 
     arguments.validate_args = validate_args
 
+    original_validate_yaml = yaml_arguments.validate_yaml
+
+    @functools.wraps(original_validate_yaml)
+    def validate_yaml(args, defaults={}):  # noqa: B006 (Megatron's signature)
+        refuse_yaml_muon(args)
+        return original_validate_yaml(args, defaults)
+
+    yaml_arguments.validate_yaml = validate_yaml
+
     original_get_model = training.get_model
 
     @functools.wraps(original_get_model)
     def get_model(*args, **kwargs):
         model = original_get_model(*args, **kwargs)
         run_args = training.get_args()
-        if run_args.use_mup and run_args.mup_preset is not None:
+        # getattr: a --yaml-cfg run's arguments are the YAML's, without the plugin's flags.
+        if getattr(run_args, "use_mup", False) and getattr(run_args, "mup_preset", None) is not None:
             base, _ = mup_widths_from_args(run_args)
             trains_matrices = "muon" if run_args.optimizer in ("muon", "nvidia_muon") else "adam"
             apply_mup(model, MupSpec(run_args.mup_preset, base, trains_matrices))
@@ -230,7 +254,7 @@ def _install_training_hooks(get_megatron_optimizer) -> None:
     @functools.wraps(original_mup_overrides)
     def get_mup_config_overrides(*args, **kwargs):
         # With a preset, the LR / eps / WD multipliers come from the parameters' muP tags (get_megatron_optimizer).
-        if training.get_args().mup_preset is not None:
+        if getattr(training.get_args(), "mup_preset", None) is not None:
             return {}
         return original_mup_overrides(*args, **kwargs)
 
