@@ -18,18 +18,16 @@ c. Why muP loses to SP's tuned optimum at the final width (issue 15, point 5), w
    multipliers against 1 at its learning rate, every corner with every seed. Each corner's loss minus SP's best,
    paired by seed, says which multiplier closes the gap and whether what is left is within the seed noise.
 
-Cost model (one thread per trial, two trials at a time, each trial ~6.5 s of process start): at 150 steps a
-trial takes ~10 s at width 32, ~13 s at 64, ~24 s at 128; a batch-study run of 131,072 tokens ~16 s, of 65,536
-~11 s. Full run (default, seeds 3, widths up to 128, 150 steps), on 2 cores:
-    a. 64 + 16 + 4 x 3 telescope runs and 64 + 3 x 2 brute-force runs: ~2,820 CPU-s, ~24 min
-    b. 5 batch sizes x 2 optimizers x 3 LRs x 3 seeds = 90 runs: ~1,440 CPU-s, ~12 min
-    c. 4 x (6 LRs + 2 seeds) scan runs, 27 + 8 + 1 telescope runs, 4 x 3 factorial runs: ~1,450 CPU-s, ~12 min
-    with reports and stage barriers about 50 minutes.
---quick (seeds 2, widths 32 -> 64 and everything else at width 64, 150 steps):
-    a. 16 + 4 x 2 telescope runs, a 4 x 4 brute force + 2 seeded points: ~500 CPU-s, ~4 min
-    b. batch sizes 4, 16, 64 x 2 optimizers x 2 LRs x 2 seeds at 65,536 tokens = 24 runs: ~270 CPU-s, ~2.5 min
-    c. 4 x (4 LRs + 1 seed) scan runs, 27 + 8 telescope runs, 4 x 2 factorial runs: ~740 CPU-s, ~6 min
-    with reports about 14 minutes.
+Cost (one thread per trial, two trials at a time, each trial ~6.5 s of process start; at 150 steps a trial takes
+~10 s at width 32, ~13 s at 64, ~24 s at 128), measured on 2 cores on 2026-12-06:
+full run (default: seeds 3, widths up to 128, 150 steps): 59 min 17 s
+    a. 64 + 16 + 4 x 3 telescope runs and 64 + 3 x 2 brute-force runs: 31 min
+    b. 5 batch sizes x 2 optimizers x 3 LRs x 3 seeds = 90 runs of 131,072 tokens: 15 min
+    c. 4 x (6 LRs + 2 seeds) scan runs, 27 + 8 + 1 telescope runs, 4 x 3 factorial runs: 13 min
+--quick (seeds 2, widths 32 -> 64 and everything else at width 64, 100 steps): QUICK_TOTAL
+    a. 16 + 4 x 2 telescope runs, a 4 x 4 brute force + 2 seeded points
+    b. batch sizes 4, 16, 64 x 2 optimizers x 3 LRs x 2 seeds = 36 runs of 65,536 tokens
+    c. 4 x (3 LRs + 1 seed) scan runs, 27 + 8 telescope runs, 4 x 2 factorial runs
 
 Every step is the public command with a results store, so an interrupted run resumes where it stopped and a
 finished one only regenerates the plots and the summary printed at the end (results in --out/<full|quick>-seeds<N>).
@@ -79,8 +77,9 @@ class Scale:
 SCALES = {
     "full": Scale(width=128, steps=150, seeds=3, points=8, refine_top=3, batch_sizes=(4, 8, 16, 32, 64),
                   batch_tokens=131072, batch_lrs=("muon=0.01,0.03,0.1", "adamw=0.003,0.01,0.03"), scan_points=6),
-    "quick": Scale(width=64, steps=150, seeds=2, points=4, refine_top=2, batch_sizes=(4, 16, 64),
-                   batch_tokens=65536, batch_lrs=("muon=0.01,0.03", "adamw=0.003,0.01"), scan_points=4),
+    # Three learning rates per optimizer in the batch study: with two, every choice is on a grid edge.
+    "quick": Scale(width=64, steps=100, seeds=2, points=4, refine_top=2, batch_sizes=(4, 16, 64),
+                   batch_tokens=65536, batch_lrs=("muon=0.01,0.03,0.1", "adamw=0.003,0.01,0.03"), scan_points=3),
 }
 # The sweep's embedded trial is in muP relative to --base-width unless its muP base is set to 0.
 PARAMETRIZATION = {"mup": [], "sp": ["--fixed", "mup_base_width=0"]}

@@ -43,9 +43,9 @@ NOT_RUN_HERE = {
                                                                              "tests/test_sweep.py reports a store",
     "python -m megatron_muon.study batch --batch-sizes 4 8 16 32 64 --lr muon=0.01,0.03 --lr adamw=0.003,0.01 "
     "--out bs/": "20 training runs; tests/test_study.py runs the study end to end on a small grid",
-    "python examples/reproduce_paper.py": "~50 minutes on 2 cores; regenerates examples/reproduce_paper.md; its "
-        "new pieces are tested in tests/test_trial.py (muP knobs, template fields) and tests/test_sweep.py (refined "
-        "brute force)",
+    "python examples/reproduce_paper.py": "59 minutes on 2 cores; regenerates examples/reproduce_paper.md; its "
+        "pieces are tested in tests/test_trial.py (muP knobs, template fields), tests/test_sweep.py (refined brute "
+        "force) and tests/test_reproduce_paper.py (the gap study's analysis)",
     "python examples/reproduce_paper.py --quick": "~14 minutes on 2 cores; the same commands as the full run on "
                                                   "smaller grids",
     "make gpu-check": "the GPU acceptance run; on CPU its subset, run by tests/test_gpu_check.py",
