@@ -24,7 +24,7 @@ full run (default: seeds 3, widths up to 128, 150 steps): 59 min 17 s
     a. 64 + 16 + 4 x 3 telescope runs and 64 + 3 x 2 brute-force runs: 31 min
     b. 5 batch sizes x 2 optimizers x 3 LRs x 3 seeds = 90 runs of 131,072 tokens: 15 min
     c. 4 x (6 LRs + 2 seeds) scan runs, 27 + 8 + 1 telescope runs, 4 x 3 factorial runs: 13 min
---quick (seeds 2, widths 32 -> 64 and everything else at width 64, 100 steps): QUICK_TOTAL
+--quick (seeds 2, widths 32 -> 64 and everything else at width 64, 100 steps): 14 min 56 s
     a. 16 + 4 x 2 telescope runs, a 4 x 4 brute force + 2 seeded points
     b. batch sizes 4, 16, 64 x 2 optimizers x 3 LRs x 2 seeds = 36 runs of 65,536 tokens
     c. 4 x (3 LRs + 1 seed) scan runs, 27 + 8 telescope runs, 4 x 2 factorial runs

@@ -46,7 +46,7 @@ NOT_RUN_HERE = {
     "python examples/reproduce_paper.py": "59 minutes on 2 cores; regenerates examples/reproduce_paper.md; its "
         "pieces are tested in tests/test_trial.py (muP knobs, template fields), tests/test_sweep.py (refined brute "
         "force) and tests/test_reproduce_paper.py (the gap study's analysis)",
-    "python examples/reproduce_paper.py --quick": "~14 minutes on 2 cores; the same commands as the full run on "
+    "python examples/reproduce_paper.py --quick": "15 minutes on 2 cores; the same commands as the full run on "
                                                   "smaller grids",
     "make gpu-check": "the GPU acceptance run; on CPU its subset, run by tests/test_gpu_check.py",
     "python benchmarks/gpu_check.py --parts newton_schulz training --optimizers muon adam": "two of the CPU parts "
